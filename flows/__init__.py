@@ -1,0 +1,3 @@
+"""Prefect flows: the pipeline, its deployment and schedule."""
+
+import instructflow  # noqa: F401

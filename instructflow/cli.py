@@ -1,0 +1,175 @@
+"""The `instructflow` command: run the pipeline, run one stage, show status, serve on a schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from instructflow import env
+from instructflow.config import STAGES, load_params
+from instructflow.errors import InstructflowError
+
+app = typer.Typer(help="InstructGPT-style training pipeline: Prefect runs it, DVC versions it, MLflow tracks it.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+# the figures the summary table shows for each stage
+KEY_METRICS = {
+    "prepare": ("sft_train", "preference_train", "pretrain_train"),
+    "tokenizer": ("vocab_size", "chars_per_token_en", "chars_per_token_ko"),
+    "pretrain": ("eval_loss", "eval_perplexity", "tokens_per_sec"),
+    "sft": ("eval_loss", "tokens_per_sec"),
+    "reward": ("eval_accuracy", "eval_loss"),
+    "align": ("eval_loss", "eval_reward_accuracy"),
+    "evaluate": ("exact_match", "win_rate", "reward_accuracy", "kl_to_reference"),
+    "mlm": ("eval_loss", "eval_masked_accuracy"),
+    "classify": ("accuracy", "macro_f1", "baseline_macro_f1"),
+    "register": (),
+}
+
+Root = Annotated[Optional[Path], typer.Option(help="project folder (default: the one holding dvc.yaml)")]
+
+
+def _root(root: Path | None) -> Path:
+    return root.resolve() if root else env.ROOT
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def registry_table(params) -> Table | None:
+    from instructflow import registry
+
+    names = [params.register.policy_name, params.register.reward_name]
+    if params.tracks.encoder:
+        names += [params.register.encoder_name, params.register.classifier_name]
+    rows = registry.describe(names)
+    if not rows:
+        return None
+    table = Table(title="Model registry (MLflow)")
+    for col in ("model", "version", "aliases", "gate metric"):
+        table.add_column(col)
+    for row in rows:
+        metrics = row.get("metrics", {})
+        shown = {k: v for k, v in metrics.items() if k in ("exact_match", "reward_accuracy", "macro_f1", "masked_accuracy")}
+        table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]),
+                      " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+    return table
+
+
+def print_summary(results: list[dict], params, root: Path, wall: float) -> None:
+    table = Table(title=f"instructflow pipeline ({params.preset} preset) in {wall:.0f}s")
+    for col in ("stage", "status", "wall", "key metrics"):
+        table.add_column(col)
+    colour = {"ran": "green", "skipped": "dim", "restored": "cyan", "off": "dim"}
+    for r in results:
+        figures = " ".join(f"{k}={_fmt(r['metrics'][k])}" for k in KEY_METRICS.get(r["stage"], ())
+                           if k in r["metrics"])
+        table.add_row(r["stage"], f"[{colour.get(r['status'], 'red')}]{r['status']}[/]", f"{r['wall_s']:.1f}s", figures)
+    console.print(table)
+    reg = registry_table(params)
+    if reg is not None:
+        console.print(reg)
+    console.print("\n[bold]Look at it[/]\n"
+                  "  MLflow UI:   make mlflow-ui    (http://127.0.0.1:5000)\n"
+                  "  Prefect UI:  make prefect-ui   (http://127.0.0.1:4200)\n"
+                  "  DVC:         dvc status; dvc metrics show; dvc plots show\n"
+                  f"  Report:      {root / 'reports' / 'evaluation.md'}")
+
+
+@app.command()
+def run(
+    preset: Annotated[Optional[str], typer.Option(help="micro | tiny | small (written to params.yaml)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override section.key=value (repeatable)")] = None,
+    root: Root = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow; DVC skips every stage that is up to date."""
+    project = _root(root)
+    try:
+        params = load_params(project / "params.yaml", set_ or [], preset)  # fail before Prefect starts
+    except InstructflowError as exc:
+        _fail(exc)
+    from flows.pipeline import pipeline
+
+    started = time.perf_counter()
+    try:
+        results = pipeline(preset=preset, overrides=set_ or [], root=str(project))
+    except InstructflowError as exc:
+        _fail(exc)
+    params = load_params(project / "params.yaml")
+    print_summary(results, params, project, time.perf_counter() - started)
+
+
+@app.command()
+def stage(name: Annotated[str, typer.Argument(help="stage name, e.g. pretrain")], root: Root = None) -> None:
+    """Run one stage through DVC (and any stage before it that is out of date)."""
+    project = _root(root)
+    if name not in STAGES:
+        _fail(InstructflowError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}"))
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    code = subprocess.call([sys.executable, "-m", "dvc", "repro", name], cwd=project, env={**os.environ, "PATH": path})
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(root: Root = None) -> None:
+    """Which stages are up to date, their latest metrics, and the registered models with their aliases."""
+    project = _root(root)
+    try:
+        params = load_params(project / "params.yaml")
+    except InstructflowError as exc:
+        _fail(exc)
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True)
+    if out.returncode != 0:
+        _fail(InstructflowError(f"dvc status failed: {out.stderr.strip()}"))
+    changed = json.loads(out.stdout or "{}")
+    table = Table(title=f"instructflow status ({params.preset} preset, tracks: {', '.join(t for t, on in params.tracks if on)})")
+    for col in ("stage", "state", "key metrics"):
+        table.add_column(col)
+    for name in STAGES:
+        metrics_path = project / "metrics" / f"{name}.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        state = "[yellow]changed[/]" if name in changed else ("[green]up to date[/]" if metrics else "[dim]never run[/]")
+        if not params.chosen(name):
+            state += " [dim](track off)[/]"
+        figures = " ".join(f"{k}={_fmt(metrics[k])}" for k in KEY_METRICS.get(name, ()) if k in metrics)
+        table.add_row(name, state, figures)
+    console.print(table)
+    reg = registry_table(params)
+    console.print(reg if reg is not None else "No registered models yet: run `instructflow run`.")
+
+
+@app.command()
+def serve(
+    cron: Annotated[Optional[str], typer.Option(help="cron schedule (default: schedule.cron in params.yaml)")] = None,
+    port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    root: Root = None,
+) -> None:
+    """Start a local Prefect server and serve the pipeline as a scheduled deployment (Ctrl-C stops both)."""
+    from flows.serve import serve_pipeline
+
+    try:
+        serve_pipeline(_root(root), cron=cron, port=port)
+    except InstructflowError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,405 @@
+"""params.yaml, validated: one pydantic model per stage section, strict and frozen.
+
+Resolution order (later wins): field defaults < the preset's sizes (presets.yaml) < params.yaml.
+Unknown keys and bad values fail before any work, naming the file, line, key, value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from instructflow.errors import ConfigError
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+PRESET_NAMES = ("micro", "tiny", "small")
+# every stage in pipeline order (dvc.yaml and flows/pipeline.py tell it in the same order), and the track of each
+STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "mlm", "classify", "register")
+TRACK_OF = {"pretrain": "decoder", "sft": "decoder", "reward": "decoder", "align": "decoder", "evaluate": "decoder",
+            "mlm": "encoder", "classify": "encoder"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+class SyntheticConfig(Section):
+    n_train: int = Field(2000, ge=0, description="synthetic tasks for training (SFT rows, preference pairs)")
+    n_eval: int = Field(200, ge=1, description="held-out synthetic tasks: exact-match accuracy is measured on them")
+    kinds: list[Literal["translate", "rename", "arithmetic"]] = Field(
+        ["translate", "rename", "arithmetic"], min_length=1, description="task kinds to generate")
+
+
+class SourceConfig(Section):
+    path: str = Field(description="data file, relative to the project root")
+    role: Literal["pretrain", "sft", "preference", "unpaired"] = Field(description="what the rows are for")
+    format: Literal["auto", "text", "jsonl", "csv", "tsv"] = Field("auto", description="file format; auto: by extension")
+    columns: dict[str, str] = Field({}, description="canonical field -> column name, for CSV/TSV/JSONL with other names")
+    group_rows: int = Field(1, ge=1, description="pretrain: join this many short rows into one document")
+    skip_invalid: bool = Field(False, description="skip (and count) invalid rows instead of failing the stage")
+
+
+class PrepareConfig(Section):
+    demo: bool = Field(True, description="include the demo data in data/raw")
+    eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="held-out share of every data set")
+    max_pretrain_chars: int | None = Field(None, ge=1000, description="cap on pretraining characters (null: all)")
+    max_sft_rows: int | None = Field(None, ge=1, description="cap on non-synthetic SFT rows")
+    max_preference_rows: int | None = Field(None, ge=1, description="cap on non-synthetic preference pairs")
+    max_prompt_rows: int | None = Field(None, ge=1, description="cap on real prompts sampled at evaluation")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    sources: list[SourceConfig] = Field([], description="user data files added to the demo data")
+
+
+# --------------------------------------------------------------------------------------------- training
+class TrainConfig(Section):
+    """Knobs every training stage shares."""
+
+    batch_size: int = Field(16, ge=1, description="sequences per optimiser step (per device)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step: larger trades time for memory")
+    max_steps: int = Field(100, ge=1, description="optimiser steps")
+    lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warmup share of the steps, then cosine decay")
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bf16: Literal["auto", True, False] = Field(
+        "auto", description="bf16 autocast; auto: on where supported (about 1.7x faster on this CPU); never fp16 on CPU")
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int = Field(50, ge=1, description="held-out evaluation every N steps")
+
+
+class DecoderModelConfig(Section):
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; null: = num_heads")
+    intermediate_size: int = Field(384, ge=8)
+    max_position_embeddings: int = Field(256, ge=16)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "DecoderModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=300, le=262144, description="BPE vocabulary incl. 256 bytes and specials")
+    min_frequency: int = Field(2, ge=1)
+
+
+class PretrainConfig(TrainConfig):
+    model: DecoderModelConfig = DecoderModelConfig()
+    seq_len: int = Field(128, ge=8, description="packed sequence length (tokens)")
+    lr: float = Field(1e-3, gt=0, le=1)
+    save_steps: int = Field(200, ge=1, description="checkpoint every N steps into checkpoints/pretrain (resumable)")
+    resume: bool = Field(True, description="resume from the latest checkpoint made with the same params")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="rank: higher fits more, costs more memory")
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class SFTConfig(TrainConfig):
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning or LoRA adapters (merged before saving)")
+    lora: LoraConfig = LoraConfig()
+    max_length: int = Field(256, ge=16, description="prompt + response tokens; longer rows are truncated from the left")
+    lr: float = Field(5e-4, gt=0, le=1)
+
+
+class RewardConfig(TrainConfig):
+    max_length: int = Field(256, ge=16)
+    lr: float = Field(3e-4, gt=0, le=1)
+
+
+class AlignConfig(TrainConfig):
+    algorithm: Literal["dpo"] = Field("dpo", description="preference optimisation algorithm")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss: sigmoid (Rafailov 2023) or ipo (Azar 2023)")
+    beta: float = Field(0.1, gt=0, description="KL strength: higher keeps the policy closer to the SFT reference")
+    max_length: int = Field(256, ge=16)
+    lr: float = Field(5e-5, gt=0, le=1)
+
+
+class EvaluateConfig(Section):
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.8, ge=0, description="sampling temperature for the sampled generations (greedy is also run)")
+    top_k: int = Field(50, ge=0, description="0: off")
+    top_p: float = Field(0.95, gt=0, le=1)
+    n_samples: int = Field(4, ge=1, description="sampled responses per prompt for reward and KL estimates")
+    bootstrap_resamples: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    max_eval_rows: int = Field(200, ge=1, description="cap on held-out rows per metric")
+    reward_prompts: int = Field(64, ge=2, description="prompts whose sampled responses the reward model judges")
+    batch_size: int = Field(16, ge=1)
+
+
+class RegisterConfig(Section):
+    policy_name: str = "instructflow-policy"
+    reward_name: str = "instructflow-reward"
+    encoder_name: str = "instructflow-encoder"
+    classifier_name: str = "instructflow-classifier"
+    metric: str = Field("exact_match", description="evaluation metric the promotion gate compares")
+    greater_is_better: bool = True
+    use_ci: bool = Field(True, description="promote only when the challenger's confidence interval clears the champion")
+    classifier_metric: str = Field("macro_f1", description="metric of the encoder track's gate")
+
+
+class EncoderModelConfig(Section):
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(384, ge=8)
+    max_position_embeddings: int = Field(256, ge=16)
+
+
+class MLMConfig(TrainConfig):
+    model: EncoderModelConfig = EncoderModelConfig()
+    seq_len: int = Field(128, ge=8)
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens chosen per batch (80/10/10 rule)")
+    lr: float = Field(1e-3, gt=0, le=1)
+
+
+class ClassifyConfig(TrainConfig):
+    train_path: str = Field("data/raw/nsmc_train.tsv", description="CSV, TSV or JSONL with a text and a label column")
+    test_path: str = Field("data/raw/nsmc_test.tsv")
+    text_column: str = "document"
+    text_pair_column: str | None = Field(None, description="second sentence column, for sentence-pair tasks")
+    label_column: str = "label"
+    max_length: int = Field(128, ge=8)
+    max_train_rows: int | None = Field(None, ge=10)
+    max_test_rows: int | None = Field(None, ge=10)
+    lr: float = Field(1e-4, gt=0, le=1)
+
+
+class ScheduleConfig(Section):
+    cron: str = Field("0 2 * * *", description="when `instructflow serve` runs the pipeline (nightly at 02:00)")
+    timezone: str = "UTC"
+    deployment: str = "nightly"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"expected 5 cron fields (minute hour day month weekday), got {value!r}")
+        return value
+
+
+# pydantic warns that the field `register` shadows ABCMeta.register; the stage name wins (DESIGN: one name per stage)
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class TracksConfig(Section):
+    decoder: bool = Field(True, description="InstructGPT track: pretrain, sft, reward, align, evaluate")
+    encoder: bool = Field(False, description="encoder track: mlm, classify")
+
+    @model_validator(mode="after")
+    def _one(self) -> "TracksConfig":
+        if not (self.decoder or self.encoder):
+            raise ValueError("choose at least one track: decoder: true and/or encoder: true")
+        return self
+
+
+class Params(Section):
+    preset: Literal["micro", "tiny", "small"] = Field("tiny", description="model and data sizes (presets.yaml)")
+    seed: int = 1234
+    tracks: TracksConfig = TracksConfig()
+    experiment: str = Field("instructflow", description="MLflow experiment name")
+    prepare: PrepareConfig = PrepareConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    align: AlignConfig = AlignConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+    mlm: MLMConfig = MLMConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    def chosen(self, stage: str) -> bool:
+        """Whether a stage's track is chosen (prepare, tokenizer and register serve every track)."""
+        track = TRACK_OF.get(stage)
+        return track is None or getattr(self.tracks, track)
+
+    def stages(self) -> list[str]:
+        """The stages of the chosen tracks, in pipeline order."""
+        return [s for s in STAGES if self.chosen(s)]
+
+    def digest(self) -> str:
+        """A short hash of the resolved params: the lineage tag of everything made with them."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- loading
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict, Any]:
+    """The plain data and the ruamel tree (for line numbers) of a YAML file."""
+    from ruamel.yaml import YAML
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (expected the pipeline's params.yaml)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        tree = YAML(typ="rt").load(text)
+        data = yaml.safe_load(text)
+    except Exception as exc:  # ruamel / PyYAML parse errors carry the line already
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data, tree = {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data, tree
+
+
+def _line_of(tree: Any, loc: tuple) -> int | None:
+    """1-based line of the deepest key of loc present in the ruamel tree."""
+    line, node = None, tree
+    for key in loc:
+        lc = getattr(node, "lc", None)
+        try:
+            if isinstance(key, int):
+                line = lc.item(key)[0] + 1 if lc is not None else line
+            else:
+                line = lc.key(key)[0] + 1 if lc is not None else line
+            node = node[key]
+        except Exception:
+            break
+    return line
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for key in loc:
+        try:
+            data = data[key]
+        except Exception:
+            return "<missing>"
+    return data
+
+
+def validate(data: dict, source: str = "params.yaml", tree: Any = None) -> Params:
+    preset = data.get("preset", "tiny")
+    if preset not in PRESET_NAMES:
+        line = _line_of(tree, ("preset",))
+        where = f"{source}" + (f", line {line}" if line else "")
+        raise ConfigError(f"{where}: preset = {preset!r}: expected one of {', '.join(PRESET_NAMES)}")
+    presets = yaml.safe_load(PRESETS_FILE.read_text(encoding="utf-8"))
+    merged = deep_merge(presets[preset], data)
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            # drop pydantic's union/literal branch tags (e.g. 'literal[...]', 'bool') from the path
+            loc = tuple(k for k in loc if not (isinstance(k, str) and ("[" in k or k in {"bool", "int", "str"})))
+            key = ".".join(str(k) for k in loc)
+            line = _line_of(tree, loc) if tree is not None else None
+            where = source + (f", line {line}" if line else "")
+            if err["type"] == "extra_forbidden":
+                parent = Params
+                for part in loc[:-1]:
+                    field = parent.model_fields.get(str(part)) if isinstance(part, str) else None
+                    ann = getattr(field, "annotation", None)
+                    parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
+                allowed = ", ".join(parent.model_fields) if parent is not Params or len(loc) == 1 else ""
+                problems.append(f"{where}: unknown key '{key}'" + (f" (allowed: {allowed})" if allowed else ""))
+            else:
+                value = _value_at(merged, loc)
+                problems.append(f"{where}: {key} = {value!r}: {err['msg']}")
+        raise ConfigError("invalid params:\n  " + "\n  ".join(problems)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. align.beta=0.2)")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str], preset: str | None = None) -> dict:
+    out = copy.deepcopy(data)
+    if preset is not None:
+        out["preset"] = preset
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None,
+                preset: str | None = None) -> Params:
+    path = Path(path)
+    data, tree = _read_yaml(path)
+    if overrides or preset:
+        data = apply_overrides(data, overrides or [], preset)
+        return validate(data, f"{path} with --set {' '.join(overrides or [])}".rstrip(), tree)
+    return validate(data, str(path), tree)
+
+
+def write_overrides(path: str | Path, overrides: list[str], preset: str | None = None) -> bool:
+    """Write the (already validated) overrides into params.yaml, keeping its comments, as `dvc exp run -S` does.
+
+    DVC decides what reruns from params.yaml, so what ran must be written there. Returns True if the file changed.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    ryaml = YAML(typ="rt")
+    ryaml.preserve_quotes = True
+    before = path.read_text(encoding="utf-8")
+    tree = ryaml.load(before) or {}
+    if preset is not None:
+        tree["preset"] = preset
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for part in parts[:-1]:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    buf = io.StringIO()
+    ryaml.dump(tree, buf)
+    after = buf.getvalue()
+    if after != before:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(after, encoding="utf-8")
+        tmp.replace(path)
+        return True
+    return False

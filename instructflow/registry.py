@@ -1,0 +1,386 @@
+"""The model registry: log a Hugging Face folder as an MLflow model, tag it with its lineage, and
+move the `champion` / `challenger` aliases through a promotion gate.
+
+The gate (`decide`) is a pure function; everything that touches MLflow lives in the functions
+around it. A version carries, as tags, what made it (`git_commit`, `params_hash`,
+`data.<file>.md5`, `run.<stage>`) and how it scored (`metric.<key>`, `metric.<key>.ci_low`,
+`metric.<key>.ci_high`), so the gate and the CLI read everything from the registry itself.
+
+`registry_transaction` makes a registration step all-or-nothing: if anything inside it fails, the
+aliases go back to where they were and the versions made inside are deleted.
+"""
+
+from __future__ import annotations
+
+import instructflow  # noqa: F401  (offline / no-telemetry environment first)
+
+import importlib.metadata
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from instructflow.errors import InstructflowError
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+# Pinned into the logged model's requirements: without an explicit list MLflow infers one that asks
+# for torchvision (DESIGN, "Facts about the stack").
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
+
+# task -> name of the transformers Auto class that loads a folder saved for it
+TASK_AUTO_CLASS = {
+    "text-generation": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "feature-extraction": "AutoModel",
+    "fill-mask": "AutoModelForMaskedLM",
+}
+
+# MLflow error codes that mean "try again": a locked sqlite file surfaces as TEMPORARILY_UNAVAILABLE,
+# a tracking server under load as the others.
+TRANSIENT_ERROR_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+)
+
+
+class RollbackError(InstructflowError):
+    """A registry transaction failed and could not restore the registry; raised from the original error."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The gate: pure
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """A metric's point estimate and, optionally, its confidence interval."""
+
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ci_low is None) != (self.ci_high is None):
+            raise ValueError(f"a confidence interval needs both bounds, got ci_low={self.ci_low}, ci_high={self.ci_high}")
+        if self.ci_low is not None and not self.ci_low <= self.ci_high:
+            raise ValueError(f"ci_low must not exceed ci_high, got [{self.ci_low}, {self.ci_high}]")
+
+    @property
+    def has_ci(self) -> bool:
+        return self.ci_low is not None
+
+    def __str__(self) -> str:
+        ci = f" [{self.ci_low:.4g}, {self.ci_high:.4g}]" if self.has_ci else ""
+        return f"{self.value:.4g}{ci}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(
+    challenger: MetricValue,
+    champion: MetricValue | None,
+    greater_is_better: bool = True,
+    use_ci: bool = True,
+    metric: str = "metric",
+) -> Decision:
+    """Whether the challenger replaces the champion.
+
+    No champion: promote. With `use_ci` and a challenger CI: promote only if the whole CI lies
+    strictly beyond the champion's value (a win the evaluation noise cannot explain). Otherwise:
+    promote only if the value is strictly better. A NaN challenger never wins; a NaN champion
+    always loses to a real number.
+    """
+    head = f"challenger {metric} {challenger}"
+    if math.isnan(challenger.value):
+        return Decision(False, f"{head}: kept champion (challenger value is not a number)")
+    if champion is None:
+        return Decision(True, f"{head}, no champion yet: promoted")
+    head += f" vs champion {champion.value:.4g}"
+    if math.isnan(champion.value):
+        return Decision(True, f"{head}: promoted (champion value is not a number)")
+
+    if use_ci and challenger.has_ci:
+        bound, word = (challenger.ci_low, "above") if greater_is_better else (challenger.ci_high, "below")
+        beyond = bound > champion.value if greater_is_better else bound < champion.value
+        why = f"CI lies {word} the champion" if beyond else f"CI does not lie {word} {champion.value:.4g}"
+    else:
+        word = "above" if greater_is_better else "below"
+        beyond = challenger.value > champion.value if greater_is_better else challenger.value < champion.value
+        why = f"{challenger.value:.4g} is {'' if beyond else 'not '}{word} {champion.value:.4g}"
+    return Decision(beyond, f"{head}: {'promoted' if beyond else 'kept champion'} ({why})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Retries: transient I/O only
+
+T = TypeVar("T")
+
+
+def is_transient(error: BaseException) -> bool:
+    """A registry error worth retrying: a busy store, a timeout, a dropped connection."""
+    if not isinstance(error, MlflowException):
+        return False
+    if error.error_code in TRANSIENT_ERROR_CODES:
+        return True
+    import requests  # MLflow's REST client wraps requests errors without keeping their type
+
+    cause = error.__cause__ or error.__context__
+    return isinstance(cause, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
+
+
+def with_retries(call: Callable[..., T], *args, tries: int = 3, backoff_s: float = 0.5, **kwargs) -> T:
+    """`call(*args, **kwargs)`, retried on transient registry errors; any other error raises at once."""
+    for attempt in range(1, tries + 1):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as error:
+            if attempt == tries or not is_transient(error):
+                raise
+            log.warning("registry call %s failed (%s), try %d of %d", getattr(call, "__name__", call), error, attempt, tries)
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _registered_model(client: MlflowClient, name: str) -> RegisteredModel | None:
+    try:
+        return with_retries(client.get_registered_model, name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging and registering
+
+
+def serving_requirements() -> list[str]:
+    """Exact pins of the packages the model needs to load, without local labels (`2.13.0+cpu` ->
+    `2.13.0`) so a GPU worker installs its CUDA build of the same release."""
+    return [f"{package}=={importlib.metadata.version(package).split('+')[0]}" for package in SERVING_PACKAGES]
+
+
+def version_tags(lineage: dict[str, str], metrics: dict[str, float]) -> dict[str, str]:
+    """Lineage keys as they are; metrics as `metric.<key>`, their `<key>_ci_low` / `<key>_ci_high`
+    companions as `metric.<key>.ci_low` / `metric.<key>.ci_high`."""
+    tags = {key: str(value) for key, value in lineage.items()}
+    for key, value in metrics.items():
+        for suffix in ("ci_low", "ci_high"):
+            base = key.removesuffix(f"_{suffix}")
+            if base != key and base in metrics:
+                tags[f"metric.{base}.{suffix}"] = repr(float(value))
+                break
+        else:
+            tags[f"metric.{key}"] = repr(float(value))
+    return tags
+
+
+def _load_components(model_dir: Path, task: str) -> dict:
+    import transformers
+
+    if task not in TASK_AUTO_CLASS:
+        raise InstructflowError(f"task '{task}' is not one the registry logs; expected one of {sorted(TASK_AUTO_CLASS)}")
+    if not (model_dir / "config.json").is_file():
+        raise InstructflowError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    auto_class = getattr(transformers, TASK_AUTO_CLASS[task])
+    return {
+        "model": auto_class.from_pretrained(model_dir),
+        "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir),
+    }
+
+
+def _model_card(model_name: str, task: str, tags: dict[str, str]):
+    """A card written from the lineage, so MLflow does not look one up on the Hub."""
+    from huggingface_hub import ModelCard
+
+    lines = "\n".join(f"- `{key}`: {value}" for key, value in sorted(tags.items()))
+    return ModelCard(f"---\npipeline_tag: {task}\n---\n# {model_name}\n\nTrained by instructflow.\n\n{lines}\n")
+
+
+def log_and_register(
+    model_name: str,
+    model_dir: Path,
+    task: str,
+    lineage: dict[str, str],
+    metrics: dict[str, float],
+    run_id: str | None = None,
+) -> ModelVersion:
+    """Log the model + tokenizer saved in `model_dir` under `run_id` (or the active run) and register
+    it as a new version of `model_name`, tagged with its lineage and metrics.
+
+    The version is created with its tags in one call, so no version exists without its lineage. It
+    loads with `mlflow.transformers.load_model("models:/<name>/<version>")`, serves with
+    `mlflow models serve`, and its artifacts hold plain transformers folders (`model/`,
+    `components/tokenizer/`).
+    """
+    model_dir = Path(model_dir)
+    run_id = run_id or (run.info.run_id if (run := mlflow.active_run()) else None)
+    if run_id is None:
+        raise InstructflowError(f"registering '{model_name}' needs an MLflow run: pass run_id or start a run first")
+    tags = version_tags(lineage, metrics)
+    components = _load_components(model_dir, task)
+    info = mlflow.transformers.log_model(
+        transformers_model=components,
+        name="model",
+        task=task,
+        pip_requirements=serving_requirements(),
+        registered_model_name=model_name,
+        tags=tags,  # on the LoggedModel and, through registration, on the new version
+        model_card=_model_card(model_name, task, tags),
+        run_id=run_id,
+    )
+    version = with_retries(MlflowClient().get_model_version, model_name, str(info.registered_model_version))
+    log.info("registered %s version %s from %s (run %s)", model_name, version.version, model_dir, run_id)
+    return version
+
+
+# --------------------------------------------------------------------------------------------------
+# Aliases and promotion
+
+
+def aliases(model_name: str) -> dict[str, int]:
+    """Alias -> version of a registered model; empty when the model is not registered yet."""
+    model = _registered_model(MlflowClient(), model_name)
+    return {alias: int(version) for alias, version in (model.aliases if model else {}).items()}
+
+
+def metric_value(version: ModelVersion, metric_key: str) -> MetricValue:
+    """The `metric.<key>` tags of a version as a MetricValue."""
+    tags = version.tags
+    if f"metric.{metric_key}" not in tags:
+        found = sorted(key for key in tags if key.startswith("metric."))
+        raise InstructflowError(f"{version.name} version {version.version} has no tag 'metric.{metric_key}'; it has {found}")
+
+    def number(key: str) -> float | None:
+        return float(tags[key]) if key in tags else None
+
+    return MetricValue(
+        number(f"metric.{metric_key}"),
+        number(f"metric.{metric_key}.ci_low"),
+        number(f"metric.{metric_key}.ci_high"),
+    )
+
+
+def promote(model_name: str, version: int | str, metric_key: str, greater_is_better: bool = True, use_ci: bool = True) -> Decision:
+    """Point `challenger` at `version`, compare it with the `champion` through `decide`, and move
+    `champion` to it when it wins. Wrap in `registry_transaction` to undo the moves if a later step fails."""
+    client = MlflowClient()
+    version = str(version)
+    # read and check both metrics before moving anything, so a bad tag leaves the aliases alone
+    challenger = metric_value(with_retries(client.get_model_version, model_name, version), metric_key)
+    champion_version = aliases(model_name).get(CHAMPION)
+    if champion_version == int(version):
+        decision = Decision(True, f"{model_name} version {version} is already the champion")
+    else:
+        champion = None
+        if champion_version is not None:
+            champion = metric_value(with_retries(client.get_model_version, model_name, str(champion_version)), metric_key)
+        decision = decide(challenger, champion, greater_is_better, use_ci, metric=metric_key)
+
+    with_retries(client.set_registered_model_alias, model_name, CHALLENGER, version)
+    if decision.promote and champion_version != int(version):
+        with_retries(client.set_registered_model_alias, model_name, CHAMPION, version)
+    log.info("%s version %s: %s", model_name, version, decision.reason)
+    return decision
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    exists: bool
+    aliases: dict[str, int]
+    last_version: int  # versions above this were made inside the transaction (numbers are never reused)
+
+
+def _snapshot(client: MlflowClient, name: str) -> _Snapshot:
+    if _registered_model(client, name) is None:
+        return _Snapshot(False, {}, 0)
+    versions = with_retries(client.search_model_versions, f"name = '{name}'")
+    return _Snapshot(True, aliases(name), max((int(v.version) for v in versions), default=0))
+
+
+def _restore(client: MlflowClient, name: str, before: _Snapshot) -> None:
+    if not before.exists:
+        if _registered_model(client, name) is not None:
+            with_retries(client.delete_registered_model, name)  # made inside: its versions and aliases go with it
+        return
+    now = aliases(name)
+    for alias, version in before.aliases.items():
+        if now.get(alias) != version:
+            with_retries(client.set_registered_model_alias, name, alias, str(version))
+    for alias in now.keys() - before.aliases.keys():
+        with_retries(client.delete_registered_model_alias, name, alias)
+    for version in with_retries(client.search_model_versions, f"name = '{name}'"):
+        if int(version.version) > before.last_version:
+            with_retries(client.delete_model_version, name, version.version)
+
+
+@contextmanager
+def registry_transaction(model_names: list[str]) -> Iterator[None]:
+    """All-or-nothing registry changes for `model_names`.
+
+    On an exception inside the block (Ctrl-C included) every alias goes back to the version it
+    pointed at on entry, aliases added inside are deleted, versions registered inside are deleted
+    (a model first registered inside is deleted whole), and the exception is re-raised. If the
+    restore itself fails, RollbackError is raised from the original exception, naming the models
+    left changed. Runs and logged models stay in tracking: they record what was tried.
+    """
+    client = MlflowClient()
+    before = {name: _snapshot(client, name) for name in model_names}
+    try:
+        yield
+    except BaseException as error:
+        failed = {}
+        for name, snapshot in before.items():
+            try:
+                _restore(client, name, snapshot)
+            except Exception as restore_error:  # noqa: BLE001  (reported below, with the original)
+                failed[name] = restore_error
+        if failed:
+            details = "; ".join(f"{name}: {problem}" for name, problem in failed.items())
+            raise RollbackError(f"registry rollback incomplete after {type(error).__name__}: {details}") from error
+        log.warning("registry changes to %s rolled back after %s: %s", model_names, type(error).__name__, error)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary for the CLI
+
+
+def describe(model_names: list[str]) -> list[dict]:
+    """One row per aliased version: name, version, aliases, metrics (from `metric.*` tags), git
+    commit and run. Models not registered yet have no rows."""
+    client = MlflowClient()
+    rows = []
+    for name in model_names:
+        by_version: dict[int, list[str]] = {}
+        for alias, version in aliases(name).items():
+            by_version.setdefault(version, []).append(alias)
+        for version in sorted(by_version, reverse=True):
+            mv = with_retries(client.get_model_version, name, str(version))
+            metrics = {key.removeprefix("metric."): float(value) for key, value in mv.tags.items() if key.startswith("metric.")}
+            rows.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "aliases": sorted(by_version[version]),
+                    "metrics": dict(sorted(metrics.items())),
+                    "git_commit": mv.tags.get("git_commit"),
+                    "run_id": mv.run_id,
+                }
+            )
+    return rows

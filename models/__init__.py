@@ -1,0 +1,1 @@
+"""Model and tokenizer code: builders, heads, losses, generation. Imports neither Prefect nor MLflow."""

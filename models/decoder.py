@@ -1,0 +1,100 @@
+"""Llama-style causal LM built from config (random init), and the data shapes it trains on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from models.tokenizer import IGNORE_INDEX
+
+
+def build_decoder(tok: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, num_heads: int,
+                  intermediate_size: int, max_position_embeddings: int, num_kv_heads: int | None = None,
+                  rope_theta: float = 10000.0, tie_word_embeddings: bool = True) -> LlamaForCausalLM:
+    """A Llama architecture (RMSNorm, RoPE, SwiGLU, GQA) sized by the preset; vocabulary from the tokenizer."""
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        attention_bias=False,
+        initializer_range=0.02,
+    )
+    return LlamaForCausalLM(config)
+
+
+def pack(documents: Iterable[Sequence[int]], seq_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
+    """Concatenate <|bos|> doc <|eos|> streams and cut them into (N, seq_len) blocks; the tail is dropped.
+
+    Packing wastes no compute on padding; attention may cross a document boundary, as in GPT pretraining.
+    """
+    stream: list[int] = []
+    for doc in documents:
+        stream += [bos_id, *doc, eos_id]
+    n = len(stream) // seq_len
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """(B, T_max) tensor of variable-length rows, padded right (training) or left (generation)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if side == "right":
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        else:
+            out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def collate_lm(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of {input_ids, labels} -> right-padded batch; padding is masked out of attention and loss."""
+    ids = pad_batch([r["input_ids"] for r in rows], pad_id)  # (B, T)
+    labels = pad_batch([r["labels"] for r in rows], IGNORE_INDEX)  # (B, T)
+    mask = pad_batch([[1] * len(r["input_ids"]) for r in rows], 0)  # (B, T)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of {chosen: {input_ids, labels}, rejected: {...}} -> one batch [chosen..., rejected...] of 2B rows."""
+    flat = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    batch = collate_lm(flat, pad_id)
+    extra = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32)
+             for k in ("ref_chosen_logps", "ref_rejected_logps") if k in rows[0]}
+    return {**batch, **extra}
+
+
+def lm_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict, int]:
+    """Teacher forcing under the causal mask: mean cross-entropy of each next token where labels != -100."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+    n_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return out.loss, {}, n_tokens
+
+
+@torch.no_grad()
+def lm_eval_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
+    """Token-weighted mean next-token loss over held-out batches (exp of it is the perplexity)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum")
+        total += float(loss)
+        count += int((labels != IGNORE_INDEX).sum())
+    if count == 0:
+        raise ValueError("no held-out tokens to evaluate")
+    return total / count

@@ -1,0 +1,245 @@
+"""The encoder track: a BERT-style masked LM, its [CLS] classifier, and sentence embeddings.
+
+Pretraining masks tokens dynamically (a fresh draw every batch) as in BERT, Devlin et al. 2019,
+"BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding", section 3.1.
+Fine-tuning puts a classification head on the pooled [CLS] representation, initialised from the
+masked LM's encoder weights. The project tokenizer has no post-processor, so `encode` adds
+[CLS] / [SEP] itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+IGNORE_INDEX = -100  # label value that cross-entropy (and masked_accuracy) skips
+
+
+def build_encoder(
+    vocab_size: int,
+    pad_token_id: int,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 1024,
+    max_position_embeddings: int = 512,
+) -> BertForMaskedLM:
+    """A randomly initialised BERT masked LM (output embeddings tied to the input ones)."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    config = BertConfig(
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        type_vocab_size=2,  # segment A / segment B
+    )
+    return BertForMaskedLM(config)
+
+
+def _truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Longest-first truncation: drop one token at a time from the longer text (A on ties)."""
+    while len_a + len_b > budget:
+        if len_a >= len_b:
+            len_a -= 1
+        else:
+            len_b -= 1
+    return len_a, len_b
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    max_length: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Tokenise into `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, right-padded to the longest row.
+
+    The texts are truncated, never the special tokens, so every row keeps its [CLS] and [SEP]s.
+    Returns input_ids, token_type_ids (0 for [CLS] a [SEP], 1 for b [SEP]) and attention_mask,
+    each a long tensor of shape (B, T) with T <= max_length.
+    """
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    if None in (cls_id, sep_id, pad_id):
+        raise ValueError(f"tokenizer needs cls, sep and pad tokens; got ids cls={cls_id} sep={sep_id} pad={pad_id}")
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(text_pairs)} text_pairs")
+    n_specials = 2 if text_pairs is None else 3
+    budget = max_length - n_specials
+    if budget < 0:
+        raise ValueError(f"max_length {max_length} is shorter than the {n_specials} special tokens it must hold")
+
+    ids_a = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids_b = tokenizer(list(text_pairs), add_special_tokens=False)["input_ids"] if text_pairs is not None else None
+
+    rows, segments = [], []
+    for i, a in enumerate(ids_a):
+        if ids_b is None:
+            a = a[:budget]
+            rows.append([cls_id, *a, sep_id])
+            segments.append([0] * len(rows[-1]))
+        else:
+            len_a, len_b = _truncate_pair(len(a), len(ids_b[i]), budget)
+            b = ids_b[i][:len_b]
+            rows.append([cls_id, *a[:len_a], sep_id, *b, sep_id])
+            segments.append([0] * (len_a + 2) + [1] * (len_b + 1))
+
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    token_type_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, (row, segment) in enumerate(zip(rows, segments)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        token_type_ids[i, : len(row)] = torch.tensor(segment)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_ids: Sequence[int] | torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    mlm_probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's dynamic masking (Devlin et al. 2019, section 3.1 and appendix C.2).
+
+    Each position whose id is not in `special_ids` ([CLS], [SEP], padding, ...) is chosen with
+    probability `mlm_probability`. A chosen token becomes [MASK] 80% of the time, a random
+    non-special token 10%, and stays unchanged 10% (so the model cannot learn that only [MASK]
+    positions matter). Labels hold the original id at chosen positions and -100 elsewhere.
+    The generator must live on the same device as `input_ids`.
+    """
+    device = input_ids.device
+    special = torch.as_tensor(list(special_ids) if not torch.is_tensor(special_ids) else special_ids, device=device)
+    eligible = ~torch.isin(input_ids, special)  # (B, T) bool
+
+    draw = torch.rand(input_ids.shape, generator=generator, device=device)  # (B, T)
+    chosen = eligible & (draw < mlm_probability)  # (B, T)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))  # (B, T)
+
+    action = torch.rand(input_ids.shape, generator=generator, device=device)  # (B, T)
+    to_mask = chosen & (action < 0.8)  # (B, T)
+    to_random = chosen & (action >= 0.8) & (action < 0.9)  # (B, T); the last 10% stay as they are
+
+    allowed = torch.arange(vocab_size, device=device)
+    allowed = allowed[~torch.isin(allowed, special)]  # (V - n_special,) non-special ids
+    if allowed.numel() == 0:
+        raise ValueError(f"every id in a vocabulary of {vocab_size} is special; nothing to draw random tokens from")
+    picks = torch.randint(allowed.numel(), input_ids.shape, generator=generator, device=device)  # (B, T)
+    random_ids = allowed[picks]  # (B, T)
+
+    masked = input_ids.clone()
+    masked[to_mask] = mask_token_id
+    masked[to_random] = random_ids[to_random]
+    return masked, labels
+
+
+def masked_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, total) over the positions with a label: logits (B, T, V), labels (B, T)."""
+    scored = labels != IGNORE_INDEX  # (B, T)
+    correct = (logits.argmax(dim=-1) == labels) & scored  # (B, T)
+    return int(correct.sum()), int(scored.sum())
+
+
+def build_classifier(
+    encoder: str | Path | PreTrainedModel,
+    num_labels: int,
+    id2label: Mapping[int, str] | None = None,
+    label2id: Mapping[str, int] | None = None,
+) -> BertForSequenceClassification:
+    """A [CLS] classifier whose encoder starts as a copy of a pretrained masked LM's.
+
+    `encoder` is a BertForMaskedLM (or any BERT model) or the folder it was saved to. The head is
+    BERT's: a tanh pooler over the [CLS] hidden state, dropout, then a linear layer to num_labels.
+    The masked LM has no pooler, so the pooler and the linear layer start from random weights.
+    """
+    if isinstance(encoder, (str, Path)):
+        encoder = BertForMaskedLM.from_pretrained(encoder)
+    if id2label is not None and len(id2label) != num_labels:
+        raise ValueError(f"num_labels is {num_labels} but id2label has {len(id2label)} entries")
+    settings = encoder.config.to_dict()
+    for key in ("architectures", "id2label", "label2id"):  # those of the masked LM do not apply
+        settings.pop(key, None)
+    settings.update(num_labels=num_labels)
+    if id2label is not None:
+        settings.update(id2label={int(k): str(v) for k, v in id2label.items()})
+    if label2id is not None:
+        settings.update(label2id={str(k): int(v) for k, v in label2id.items()})
+    config = BertConfig.from_dict(settings)
+
+    classifier = BertForSequenceClassification(config)
+    result = classifier.bert.load_state_dict(encoder.base_model.state_dict(), strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [key for key in result.missing_keys if not key.startswith("pooler.")]
+    if unexpected or missing:
+        raise ValueError(f"encoder weights do not fit a BERT classifier: missing {missing}, unexpected {unexpected}")
+    return classifier
+
+
+@torch.no_grad()
+def embed(
+    model: str | Path | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    pooling: str = "mean",
+    batch_size: int = 32,
+    max_length: int = 128,
+) -> torch.Tensor:
+    """Sentence vectors (N, H) from the encoder part of a BERT model (or the folder it was saved in).
+
+    pooling="mean" averages the last hidden states over non-pad positions ([CLS] and [SEP]
+    included); pooling="cls" takes the [CLS] hidden state as it is (no pooler).
+    """
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    if isinstance(model, (str, Path)):
+        model = AutoModel.from_pretrained(model, add_pooling_layer=False)  # the pooler is not used here
+    encoder = model.base_model  # the BertModel inside a masked LM or a classifier; itself for a BertModel
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    vectors = []
+    for start in range(0, len(texts), batch_size):
+        batch = encode(tokenizer, texts[start : start + batch_size], max_length=max_length)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        hidden = encoder(**batch).last_hidden_state  # (B, T, H)
+        if pooling == "cls":
+            vectors.append(hidden[:, 0])  # (B, H)
+        else:
+            keep = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            vectors.append((hidden * keep).sum(dim=1) / keep.sum(dim=1))  # (B, H)
+    encoder.train(was_training)
+    return torch.cat(vectors).float().cpu()  # (N, H)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the angle between two vectors of shape (H,)."""
+    return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+
+def similarity(
+    model: str | Path | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    s1: str,
+    s2: str,
+    pooling: str = "mean",
+    max_length: int = 128,
+) -> float:
+    """Cosine similarity of the embeddings of two sentences."""
+    vectors = embed(model, tokenizer, [s1, s2], pooling=pooling, max_length=max_length)  # (2, H)
+    return cosine_similarity(vectors[0], vectors[1])

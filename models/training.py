@@ -1,0 +1,182 @@
+"""The one training loop every stage uses: AdamW, warmup + cosine, clipping, bf16 autocast, checkpoints.
+
+A stage supplies a `step_fn(model, batch) -> (loss, metrics, n_tokens)`; the loop knows nothing about
+what is being learned. Accelerate runs it on one CPU, one GPU, or under `accelerate launch` on several
+GPUs (DDP/FSDP) unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+log = logging.getLogger("instructflow")
+
+StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float], int]]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    batch_size: int
+    max_steps: int
+    lr: float
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    bf16: bool | str = "auto"
+    logging_steps: int = 5
+    eval_steps: int = 50
+    save_steps: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, seed: int, **extra) -> "LoopSettings":
+        """From a stage's TrainConfig section (instructflow.config)."""
+        fields = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if hasattr(cfg, f)}
+        return cls(**{**fields, "seed": seed, **extra})
+
+
+def use_bf16(setting: bool | str) -> bool:
+    """auto: bf16 where the hardware does it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if setting != "auto":
+        return bool(setting)
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.cpu.get_cpu_capability() in {"AVX512", "AMX"}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases and embeddings' 1-D params are left alone (GPT-2/nanoGPT practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _latest_checkpoint(folder: Path, key: str) -> Path | None:
+    found = []
+    for ckpt in folder.glob("step-*"):
+        meta = ckpt / "loop.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+            found.append((json.loads(meta.read_text())["step"], ckpt))
+    return max(found)[1] if found else None
+
+
+def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn: StepFn, settings: LoopSettings,
+          *, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+          on_log: Callable[[int, dict[str, float]], None] | None = None,
+          checkpoint_dir: Path | None = None, resume_key: str | None = None) -> list[dict]:
+    """Train for settings.max_steps optimiser steps; returns the logged history (one dict per log line).
+
+    Checkpoints go to checkpoint_dir/step-N every save_steps (the last two are kept); with resume_key set,
+    training resumes from the latest checkpoint written under the same key (e.g. a hash of the params).
+    """
+    if len(dataset) == 0:
+        raise ValueError("training set is empty: nothing to train on")
+    set_seed(settings.seed)
+    accel = Accelerator(mixed_precision="bf16" if use_bf16(settings.bf16) else "no",
+                        cpu=not torch.cuda.is_available(), gradient_accumulation_steps=settings.grad_accum)
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
+                        generator=generator, drop_last=len(dataset) >= settings.batch_size)
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
+    warmup = int(settings.warmup_ratio * settings.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.max_steps)
+    model, optimizer, loader, scheduler = accel.prepare(model, optimizer, loader, scheduler)
+
+    step = 0
+    if checkpoint_dir is not None and resume_key is not None and settings.save_steps:
+        ckpt = _latest_checkpoint(checkpoint_dir, resume_key)
+        if ckpt is not None:
+            accel.load_state(str(ckpt))
+            step = json.loads((ckpt / "loop.json").read_text())["step"]
+            log.info("resumed from %s at step %d", ckpt, step)
+
+    history: list[dict] = []
+    window: dict[str, float] = {}
+    n_micro, tokens, t0 = 0, 0, time.perf_counter()
+    grad_norm = float("nan")
+    model.train()
+    epoch = 0
+    while step < settings.max_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            with accel.accumulate(model):
+                loss, metrics, n_tokens = step_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
+                accel.backward(loss)
+                if accel.sync_gradients:
+                    grad_norm = float(accel.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                window[key] = window.get(key, 0.0) + value
+            n_micro += 1
+            tokens += n_tokens
+            if not accel.sync_gradients:
+                continue
+            step += 1
+            last = step == settings.max_steps
+            if step % settings.logging_steps == 0 or last or step == 1:
+                elapsed = time.perf_counter() - t0
+                row = {k: v / n_micro for k, v in window.items()}
+                row.update(learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                           tokens_per_sec=tokens / max(elapsed, 1e-9), epoch=epoch)
+                window, n_micro, tokens, t0 = {}, 0, 0, time.perf_counter()
+                if eval_fn is not None and (step % settings.eval_steps == 0 or last):
+                    model.eval()
+                    with torch.no_grad(), accel.autocast():
+                        row.update({f"eval_{k}": v for k, v in eval_fn(accel.unwrap_model(model)).items()})
+                    model.train()
+                row["step"] = step
+                history.append(row)
+                log.info("step %d/%d %s", step, settings.max_steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in {"step", "epoch"}))
+                if on_log is not None:
+                    on_log(step, row)
+            if checkpoint_dir is not None and settings.save_steps and step % settings.save_steps == 0 and not last:
+                _save_checkpoint(accel, checkpoint_dir, step, resume_key or "")
+            if last:
+                break
+        epoch += 1
+    model.eval()
+    return history
+
+
+def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str) -> None:
+    target = folder / f"step-{step}"
+    tmp = folder / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accel.save_state(str(tmp))
+    (tmp / "loop.json").write_text(json.dumps({"step": step, "key": key}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # a crash mid-save never leaves a checkpoint that looks complete
+    for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def to_device(batch: dict, model: torch.nn.Module) -> dict:
+    """Move a batch's tensors to the model's device (evaluation runs outside Accelerate's loader)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(min(mean_loss, 50.0))

@@ -1,0 +1,72 @@
+"""Stage `pretrain`: a Llama-style causal LM from scratch on packed text, warmup + cosine, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import instructflow  # noqa: F401
+from instructflow.config import Params
+from instructflow.errors import InstructflowError
+from instructflow.stage import atomic_dir, final_metrics, run_stage, save_history, write_run_info
+from instructflow.tracking import StageRun
+from models.decoder import build_decoder, lm_eval_loss, lm_step, pack
+from models.tokenizer import load_tokenizer
+from models.training import LoopSettings, perplexity, train
+
+log = logging.getLogger("instructflow")
+
+
+def packed_blocks(tok, path: Path, seq_len: int):
+    with path.open(encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh if line.strip()]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    blocks = pack(ids, seq_len, tok.bos_token_id, tok.eos_token_id)  # (N, T)
+    return [{"input_ids": b, "labels": b} for b in blocks]
+
+
+def collate_blocks(rows: list[dict]) -> dict:
+    import torch
+
+    ids = torch.stack([r["input_ids"] for r in rows])  # (B, T), packed: no padding
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def body(params: Params, root: Path, run: StageRun) -> dict:
+    cfg = params.pretrain
+    tok = load_tokenizer(root / "artifacts" / "tokenizer")
+    train_set = packed_blocks(tok, root / "data" / "prepared" / "pretrain_train.jsonl", cfg.seq_len)
+    eval_set = packed_blocks(tok, root / "data" / "prepared" / "pretrain_eval.jsonl", cfg.seq_len)
+    if not eval_set:
+        raise InstructflowError(f"held-out pretraining text is shorter than one block of {cfg.seq_len} tokens")
+    model = build_decoder(tok, **cfg.model.model_dump())
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("decoder %.2fM parameters; %d training blocks of %d tokens (%d tokens), %d held-out blocks",
+             n_params / 1e6, len(train_set), cfg.seq_len, len(train_set) * cfg.seq_len, len(eval_set))
+    eval_batches = [collate_blocks(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
+    settings = LoopSettings.from_config(cfg, params.seed)
+    history = train(model, train_set, collate_blocks, lm_step, settings,
+                    eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)},
+                    on_log=run.log_step, checkpoint_dir=root / "checkpoints" / "pretrain",
+                    resume_key=params.digest() if cfg.resume else None)
+    with atomic_dir(root / "artifacts" / "pretrain") as out:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        save_history(history, "pretrain", out, run)
+        write_run_info(out, "pretrain", run, params, n_params=n_params)
+    shutil.rmtree(root / "checkpoints" / "pretrain", ignore_errors=True)  # only a crashed run resumes
+    metrics = final_metrics(history, ("loss", "eval_loss", "tokens_per_sec"))
+    metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    metrics["n_params"] = n_params
+    metrics["train_tokens"] = len(train_set) * cfg.seq_len
+    return metrics
+
+
+def main() -> None:
+    run_stage("pretrain", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Stage `reward`: the SFT model with a scalar head, trained on chosen/rejected pairs (Bradley-Terry)."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import instructflow  # noqa: F401
+from instructflow.config import Params
+from instructflow.errors import InstructflowError
+from instructflow.stage import atomic_dir, final_metrics, read_prepared, run_stage, save_history, write_run_info
+from instructflow.tracking import StageRun
+from models.decoder import collate_pairs
+from models.losses import bradley_terry_loss
+from models.tokenizer import load_tokenizer, preference_example
+from models.training import LoopSettings, train
+
+log = logging.getLogger("instructflow")
+
+
+def preference_set(tok, rows: list[dict], max_length: int, name: str) -> list[dict]:
+    """Pairs as {chosen, rejected} token examples; pairs whose response is cut away entirely are dropped."""
+    pairs = [preference_example(tok, row, max_length) for row in rows]
+    if dropped := sum(p is None for p in pairs):
+        log.warning("%s: %d of %d pairs have no response left within max_length %d: dropped",
+                    name, dropped, len(rows), max_length)
+    kept = [p for p in pairs if p is not None]
+    if not kept:
+        raise InstructflowError(f"{name}: no preference pair fits max_length {max_length}")
+    return kept
+
+
+def rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar rewards of a [chosen..., rejected...] batch, read at each sequence's last real token."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)  # (2B,)
+    return scores.float().chunk(2)  # (B,), (B,)
+
+
+def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
+    chosen, rejected = rewards(model, batch)
+    loss = bradley_terry_loss(chosen, rejected)
+    accuracy = float((chosen > rejected).float().mean())
+    return loss, {"accuracy": accuracy, "margin": float((chosen - rejected).mean())}, int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def pairwise_eval(model, batches: list[dict]) -> dict[str, float]:
+    """Held-out Bradley-Terry loss and pairwise accuracy (share of pairs where chosen scores higher)."""
+    device = next(model.parameters()).device
+    correct, total, loss_sum = 0, 0, 0.0
+    for batch in batches:
+        chosen, rejected = rewards(model, {k: v.to(device) for k, v in batch.items()})
+        correct += int((chosen > rejected).sum())
+        total += chosen.numel()
+        loss_sum += float(bradley_terry_loss(chosen, rejected)) * chosen.numel()
+    return {"loss": loss_sum / total, "accuracy": correct / total}
+
+
+def body(params: Params, root: Path, run: StageRun) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = params.reward
+    source = root / "artifacts" / "sft"
+    tok = load_tokenizer(source)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, pad_token_id=tok.pad_token_id)
+    train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train")
+    eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval")
+    log.info("reward model: %d train / %d eval pairs", len(train_set), len(eval_set))
+    collate = partial(collate_pairs, pad_id=tok.pad_token_id)
+    eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
+    history = train(model, train_set, collate, reward_step, LoopSettings.from_config(cfg, params.seed),
+                    eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step)
+    with atomic_dir(root / "artifacts" / "reward") as out:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        save_history(history, "reward", out, run)
+        write_run_info(out, "reward", run, params)
+    metrics = final_metrics(history, ("loss", "accuracy", "eval_loss", "eval_accuracy", "tokens_per_sec"))
+    metrics.update(train_pairs=len(train_set), eval_pairs=len(eval_set))
+    return metrics
+
+
+def main() -> None:
+    run_stage("reward", body)
+
+
+if __name__ == "__main__":
+    main()

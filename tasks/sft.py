@@ -1,0 +1,78 @@
+"""Stage `sft`: instruction tuning of the pretrained model; the loss covers only the responses and their EOS."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import instructflow  # noqa: F401
+from instructflow.config import Params
+from instructflow.errors import InstructflowError
+from instructflow.stage import (atomic_dir, final_metrics, read_prepared, run_stage, save_history,
+                                write_run_info)
+from instructflow.tracking import StageRun
+from models.decoder import collate_lm, lm_eval_loss, lm_step
+from models.tokenizer import chat_example, load_tokenizer
+from models.training import LoopSettings, perplexity, train
+
+log = logging.getLogger("instructflow")
+
+
+def sft_examples(tok, rows: list[dict], max_length: int) -> list[dict]:
+    """Chat rows -> {input_ids, labels}; rows whose responses are cut away entirely are dropped."""
+    examples = [chat_example(tok, row["messages"], max_length) for row in rows]
+    if dropped := sum(e is None for e in examples):
+        log.warning("%d of %d conversations have no response left within max_length %d: dropped",
+                    dropped, len(rows), max_length)
+    return [e for e in examples if e is not None]
+
+
+def apply_lora(model, cfg):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def body(params: Params, root: Path, run: StageRun) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    cfg = params.sft
+    source = root / "artifacts" / "pretrain"
+    tok = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    train_set = sft_examples(tok, read_prepared(root, "sft_train"), cfg.max_length)
+    eval_set = sft_examples(tok, read_prepared(root, "sft_eval"), cfg.max_length)
+    if not train_set or not eval_set:
+        raise InstructflowError(f"no SFT rows fit max_length {cfg.max_length}: raise sft.max_length")
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("SFT (%s): %d train / %d eval conversations, %d trainable parameters",
+             cfg.method, len(train_set), len(eval_set), trainable)
+    collate = partial(collate_lm, pad_id=tok.pad_token_id)
+    eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
+    history = train(model, train_set, collate, lm_step, LoopSettings.from_config(cfg, params.seed),
+                    eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)}, on_log=run.log_step)
+    if cfg.method == "lora":
+        model = model.merge_and_unload()  # a plain model: registered and loaded like a full fine-tune
+    with atomic_dir(root / "artifacts" / "sft") as out:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        save_history(history, "sft", out, run)
+        write_run_info(out, "sft", run, params, method=cfg.method, trainable_params=trainable)
+    metrics = final_metrics(history, ("loss", "eval_loss", "tokens_per_sec"))
+    metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    metrics["trainable_params"] = trainable
+    metrics["train_rows"] = len(train_set)
+    return metrics
+
+
+def main() -> None:
+    run_stage("sft", body)
+
+
+if __name__ == "__main__":
+    main()
