@@ -1,7 +1,8 @@
 """The instructflow pipeline as a Prefect flow: each stage is a task that runs its DVC stage.
 
-    prepare -> tokenizer -> pretrain -> sft -> reward -> align -> evaluate -> register
-    (encoder track: tokenizer -> mlm -> classify -> register)
+    prepare -> tokenizer -> pretrain -> sft -> reward -> align -> evaluate   (decoder track)
+                         -> mlm -> classify                                  (encoder track)
+                         -> register
 
 DVC decides whether a stage must run (its deps, params and outputs in dvc.yaml / dvc.lock); Prefect adds
 the schedule, the UI, retries of transient failures and the report artifact; MLflow gets one parent run
@@ -10,6 +11,7 @@ per pipeline run, under which every stage that runs opens its nested run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from instructflow import env
-from instructflow.config import load_params, write_overrides
+from instructflow.config import STAGES, load_params, write_overrides
 from instructflow.errors import InstructflowError
 from instructflow.tracking import PARENT_ENV, experiment_id
 
@@ -89,11 +91,9 @@ def run_stage(stage: str, root: str, parent_run_id: str | None) -> dict:
     status, _ = dvc_repro(stage, Path(root), parent_run_id, logger.info)
     wall = time.perf_counter() - started
     metrics_path = Path(root) / "metrics" / f"{stage}.json"
-    metrics = {}
-    if metrics_path.is_file():
-        import json
-
-        metrics = json.loads(metrics_path.read_text())
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if metrics.get("track_chosen") == 0:
+        status = "off"  # its track is not chosen in params.yaml: DVC records it, nothing was trained
     logger.info("stage %s %s in %.1fs", stage, status, wall)
     return {"stage": stage, "status": status, "wall_s": round(wall, 1), "metrics": metrics}
 
@@ -107,8 +107,9 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
     params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage, on bad input
     if write_overrides(project / "params.yaml", overrides, preset):
         logger.info("params.yaml updated: preset=%s %s", params.preset, " ".join(overrides))
-    stages = params.stages()
-    logger.info("pipeline: %s (preset %s)", " -> ".join(stages), params.preset)
+    stages = list(STAGES)  # every DVC stage runs; one whose track is off only records that (see dvc.yaml)
+    logger.info("pipeline: %s (preset %s, tracks: %s)", " -> ".join(params.stages()), params.preset,
+                ", ".join(t for t, on in params.tracks if on))
 
     results: list[dict] = []
     with mlflow.start_run(experiment_id=experiment_id(params.experiment, project), run_name="pipeline",

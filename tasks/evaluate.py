@@ -17,6 +17,7 @@ import torch
 
 import instructflow  # noqa: F401
 from instructflow.config import Params
+from instructflow.data import write_jsonl
 from instructflow.stage import atomic_dir, read_prepared, run_stage, write_run_info
 from instructflow.synthetic import exact_match
 from instructflow.tracking import StageRun
@@ -159,22 +160,15 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
 
     with atomic_dir(root / "reports") as out:
         (out / "evaluation.md").write_text(report, encoding="utf-8")
-        import json
-
-        with (out / "samples.jsonl").open("w", encoding="utf-8") as fh:
-            for s in samples:
-                fh.write(json.dumps(s, ensure_ascii=False) + "\n")
+        write_jsonl(out / "samples.jsonl", samples)
+        with (out / "rewards.csv").open("w", newline="") as fh:  # per-prompt mean rewards: a DVC scatter plot
+            writer = csv.writer(fh)
+            writer.writerow(["prompt", "policy_reward", "sft_reward"])
+            for i, (a, b) in enumerate(zip(mean_reward["policy"], mean_reward["sft"])):
+                writer.writerow([i, round(a, 5), round(b, 5)])
         write_run_info(out, "evaluate", run, params)
-    rewards_csv = root / "plots" / "evaluate_rewards.csv"
-    rewards_csv.parent.mkdir(parents=True, exist_ok=True)
-    with rewards_csv.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["prompt", "policy_reward", "sft_reward"])
-        for i, (a, b) in enumerate(zip(mean_reward["policy"], mean_reward["sft"])):
-            writer.writerow([i, round(a, 5), round(b, 5)])
-    run.log_artifact(root / "reports" / "evaluation.md", "report")
-    run.log_artifact(root / "reports" / "samples.jsonl", "report")
-    run.log_artifact(rewards_csv, "plots")
+        for name in ("evaluation.md", "samples.jsonl", "rewards.csv"):
+            run.log_artifact(out / name, "report")
     return flat
 
 

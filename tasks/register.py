@@ -19,7 +19,7 @@ import instructflow  # noqa: F401
 from instructflow import registry
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import read_run_info, run_stage
+from instructflow.stage import atomic_dir, read_run_info, run_stage
 from instructflow.tracking import StageRun, write_json_atomic
 
 log = logging.getLogger("instructflow")
@@ -67,19 +67,24 @@ def lineage(params: Params, root: Path, made_by: dict[str, Path]) -> dict[str, s
 def body(params: Params, root: Path, run: StageRun) -> dict:
     cfg = params.register
     art = root / "artifacts"
-    evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
-    if cfg.metric not in evaluation:
-        raise InstructflowError(f"params.yaml: register.metric = {cfg.metric!r} is not an evaluation metric; "
-                                f"choose one of {sorted(k for k in evaluation if not k.endswith(('_ci_low', '_ci_high')))}")
-    made_by = {s: art / s for s in ("tokenizer", "pretrain", "sft", "reward", "align")}
-    made_by["evaluate"] = root / "reports"
-    made_by["prepare"] = root / "data" / "prepared"
+    plan = []  # (model name, folder, transformers task, metrics, gate metric)
+    made_by = {"prepare": root / "data" / "prepared", "tokenizer": art / "tokenizer"}
+    if params.tracks.decoder:
+        evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
+        check_metric(evaluation, cfg.metric, "register.metric", "evaluate")
+        reward_metrics = {k: v for k, v in evaluation.items() if k.startswith("reward_accuracy")}
+        plan += [(cfg.policy_name, art / "align", "text-generation", evaluation, cfg.metric),
+                 (cfg.reward_name, art / "reward", "text-classification", reward_metrics, "reward_accuracy")]
+        made_by.update({s: art / s for s in ("pretrain", "sft", "reward", "align")}, evaluate=root / "reports")
+    if params.tracks.encoder:
+        scores = json.loads((root / "metrics" / "classify.json").read_text())
+        scores.update({f"mlm_{k}": v for k, v in json.loads((root / "metrics" / "mlm.json").read_text()).items()})
+        check_metric(scores, cfg.classifier_metric, "register.classifier_metric", "classify")
+        plan += [(cfg.encoder_name, art / "mlm", "feature-extraction", scores, cfg.classifier_metric),
+                 (cfg.classifier_name, art / "classify", "text-classification", scores, cfg.classifier_metric)]
+        made_by.update(mlm=art / "mlm", classify=art / "classify")
     tags = lineage(params, root, made_by)
-    reward_metrics = {k: v for k, v in evaluation.items() if k.startswith("reward_accuracy")}
-    plan = [  # (model name, folder, transformers task, metrics, gate metric)
-        (cfg.policy_name, art / "align", "text-generation", evaluation, cfg.metric),
-        (cfg.reward_name, art / "reward", "text-classification", reward_metrics, "reward_accuracy"),
-    ]
+
     summary = {}
     with registry.registry_transaction([name for name, *_ in plan]):
         for name, folder, task, metrics, gate_metric in plan:
@@ -87,12 +92,18 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
             decision = registry.promote(name, version.version, gate_metric, cfg.greater_is_better, cfg.use_ci)
             summary[name] = {"version": int(version.version), "promoted": decision.promote,
                              "reason": decision.reason, "aliases": registry.aliases(name)}
-            log.info("%s v%s: %s", name, version.version, decision.reason)
         # the last step inside the transaction: if writing the record fails, the aliases move back
-        write_json_atomic(root / "registry" / "register.json", {"models": summary, "lineage": tags})
+        with atomic_dir(root / "registry") as out:
+            write_json_atomic(out / "register.json", {"models": summary, "lineage": tags})
     run.log_json(summary, "registry/summary.json")
     return {f"{name}.version": s["version"] for name, s in summary.items()} | \
         {f"{name}.promoted": int(s["promoted"]) for name, s in summary.items()}
+
+
+def check_metric(metrics: dict, key: str, knob: str, stage: str) -> None:
+    if key not in metrics:
+        names = sorted(k for k in metrics if not k.endswith(("_ci_low", "_ci_high")))
+        raise InstructflowError(f"params.yaml: {knob} = {key!r} is not a metric of stage '{stage}'; choose one of {names}")
 
 
 def main() -> None:
