@@ -103,6 +103,9 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
     """Validate params (with overrides), write them to params.yaml, then run the chosen tracks' stages in order."""
     logger = get_run_logger()
     project = Path(root).resolve() if root else env.ROOT
+    services = env.service_env(project)
+    os.environ.update({k: v for k, v in services.items() if k != "PREFECT_HOME"})  # for the stage processes
+    mlflow.set_tracking_uri(services["MLFLOW_TRACKING_URI"])
     overrides = list(overrides or [])
     params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage, on bad input
     if write_overrides(project / "params.yaml", overrides, preset):

@@ -69,8 +69,11 @@ def serve_pipeline(root: Path, cron: str | None = None, port: int = 4200) -> Non
                 description="instructflow pipeline on the preset in params.yaml",
                 tags=["instructflow", params.preset],
             )
-    except KeyboardInterrupt:
-        pass
+    except BaseException as exc:  # Ctrl-C reaches us bare or wrapped in the runner's task group
+        interrupted = isinstance(exc, KeyboardInterrupt) or (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None)
+        if not interrupted:
+            raise
     finally:
         stop_server(server)
         print("stopped the runner and the Prefect server", flush=True)

@@ -40,7 +40,10 @@ Root = Annotated[Optional[Path], typer.Option(help="project folder (default: the
 
 
 def _root(root: Path | None) -> Path:
-    return root.resolve() if root else env.ROOT
+    """The project folder; its embedded services (MLflow store, Prefect home) become this process's."""
+    project = root.resolve() if root else env.ROOT
+    os.environ.update(env.service_env(project))
+    return project
 
 
 def _fmt(value) -> str:
@@ -169,6 +172,48 @@ def serve(
         serve_pipeline(_root(root), cron=cron, port=port)
     except InstructflowError as exc:
         _fail(exc)
+
+
+Pooling = Annotated[str, typer.Option(help="mean (over the tokens) or cls (the [CLS] vector)")]
+Source = Annotated[str, typer.Option(help="encoder: an MLflow model URI or a folder such as artifacts/mlm")]
+
+
+@app.command()
+def similarity(
+    first: Annotated[str, typer.Argument(help="a sentence")],
+    second: Annotated[str, typer.Argument(help="another sentence")],
+    pooling: Pooling = "mean",
+    source: Source = "models:/instructflow-encoder@champion",
+    root: Root = None,
+) -> None:
+    """Cosine similarity of two sentences' embeddings from the registered encoder (encoder track)."""
+    _root(root)
+    from instructflow.similarity import sentence_similarity
+
+    try:
+        console.print(f"{sentence_similarity(first, second, source=source, pooling=pooling):.4f}")
+    except InstructflowError as exc:
+        _fail(exc)
+
+
+@app.command()
+def embed(
+    input_path: Annotated[Path, typer.Argument(help=".txt (a sentence a line), .csv, .tsv or .jsonl")],
+    output_path: Annotated[Path, typer.Argument(help=".jsonl ({text, embedding} a line) or .npy (N x H)")],
+    text_column: Annotated[Optional[str], typer.Option(help="the text column of a CSV/TSV/JSONL file")] = None,
+    pooling: Pooling = "mean",
+    source: Source = "models:/instructflow-encoder@champion",
+    root: Root = None,
+) -> None:
+    """Write sentence embeddings for a file, from the registered encoder (encoder track)."""
+    _root(root)
+    from instructflow.similarity import embed_file
+
+    try:
+        n = embed_file(input_path, output_path, source=source, pooling=pooling, text_column=text_column)
+    except InstructflowError as exc:
+        _fail(exc)
+    console.print(f"wrote {n} embeddings to {output_path}")
 
 
 if __name__ == "__main__":

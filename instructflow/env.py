@@ -37,14 +37,24 @@ def project_root() -> Path:
     return here
 
 
+SERVICES = ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "HF_HOME")
+USER_SET = frozenset(k for k in SERVICES if k in os.environ)  # pointed elsewhere by the user: left alone
+
+
+def service_env(root: Path) -> dict[str, str]:
+    """Where a project's services live: the embedded default inside the project, unless the user set them."""
+    defaults = {"PREFECT_HOME": str(root / ".prefect"),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+                "HF_HOME": str(root / ".prefect" / "hf-home")}  # never the user's hub cache
+    return {k: (os.environ[k] if k in USER_SET else v) for k, v in defaults.items()}
+
+
 def setup(root: Path | None = None) -> Path:
     """Set the offline / no-telemetry variables and the embedded-default service locations."""
     root = (root or project_root()).resolve()
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    os.environ.setdefault("HF_HOME", str(root / ".prefect" / "hf-home"))  # never the user's hub cache
+    os.environ.update(service_env(root))
     return root
 
 

@@ -139,7 +139,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
                 row = {k: v / n_micro for k, v in window.items()}
                 row.update(learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                            tokens_per_sec=tokens / max(elapsed, 1e-9), epoch=epoch)
-                window, n_micro, tokens, t0 = {}, 0, 0, time.perf_counter()
+                window, n_micro, tokens = {}, 0, 0
                 if eval_fn is not None and (step % settings.eval_steps == 0 or last):
                     model.eval()
                     with torch.no_grad(), accel.autocast():
@@ -151,6 +151,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in {"step", "epoch"}))
                 if on_log is not None:
                     on_log(step, row)
+                t0 = time.perf_counter()  # evaluation and logging do not count against training throughput
             if checkpoint_dir is not None and settings.save_steps and step % settings.save_steps == 0 and not last:
                 _save_checkpoint(accel, checkpoint_dir, step, resume_key or "")
             if last:

@@ -1,0 +1,42 @@
+"""Shared test helpers: a throwaway copy of the project for end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) -> Path:
+    """A fresh git + DVC checkout of the project's tracked and new files in dest, on the given preset."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    params = (dest / "params.yaml").read_text()
+    params = params.replace("preset: tiny", f"preset: {preset}", 1)
+    for track, on in (tracks or {}).items():
+        params = params.replace(f"  {track}: {'false' if on else 'true'}", f"  {track}: {'true' if on else 'false'}", 1)
+    (dest / "params.yaml").write_text(params)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "test project"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The CLI points this process at a project's services (os.environ); undo that after each test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -1,0 +1,177 @@
+"""Stage `classify`: a micro fine-tune beside the TF-IDF baseline, its saved labels, bad input that writes nothing."""
+
+from __future__ import annotations
+
+import instructflow  # noqa: F401  (offline environment first)
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from helpers_tokenizer import make_test_tokenizer
+from transformers import AutoModelForSequenceClassification, BertForMaskedLM
+
+import tasks.classify as stage
+from instructflow.config import validate
+from instructflow.errors import DataError
+from models.classification import LabelMap
+from models.encoder import build_encoder
+
+POSITIVE = ["이 영화 정말 좋아요", "배우들 연기가 최고였어요", "좋아 좋아 정말 좋아", "I really liked this movie",
+            "the actors were great", "음식이 맛있어서 또 가고 싶어요"]
+NEGATIVE = ["너무 지루하고 재미없어요", "시간이 아까웠어요", "싫어 싫어 진짜 싫어", "This film was boring",
+            "far too long", "진짜 싫어 지루해"]
+
+
+class FakeRun:
+    run_id = "test-run"
+
+    def log_step(self, step, row):
+        pass
+
+    def log_metrics(self, metrics):
+        pass
+
+    def log_artifact(self, path, folder=None):
+        pass
+
+    def log_json(self, data, name):
+        pass
+
+
+def write_tsv(path, rows, header=("id", "document", "label")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(header)] + ["\t".join(map(str, row)) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def mlm_folder(tmp_path_factory):
+    """A micro masked LM saved as the mlm stage saves it (weights untrained: the stage only has to run)."""
+    folder = tmp_path_factory.mktemp("mlm")
+    tok = make_test_tokenizer()
+    torch.manual_seed(0)
+    build_encoder(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                  max_position_embeddings=128).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path, mlm_folder):
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "mlm").symlink_to(mlm_folder, target_is_directory=True)
+    train = [(i, text, label) for i, (text, label) in
+             enumerate([(t, "pos") for t in POSITIVE * 4] + [(t, "neg") for t in NEGATIVE * 4])]
+    write_tsv(tmp_path / "data" / "train.tsv", train)
+    test = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
+    write_tsv(tmp_path / "data" / "test.tsv", [(100 + i, text, label) for i, (text, label) in enumerate(test)])
+    return tmp_path
+
+
+def micro_params(**classify):
+    section = {"train_path": "data/train.tsv", "test_path": "data/test.tsv", "max_steps": 4, "batch_size": 8,
+               "eval_steps": 2, "max_train_rows": None, "max_test_rows": None, **classify}
+    return validate({"preset": "micro", "tracks": {"decoder": False, "encoder": True}, "classify": section})
+
+
+def test_stage_reports_encoder_and_baseline_and_saves_the_label_map(project, mlm_folder):
+    # when the stage fine-tunes the micro encoder on a 48-row task labelled "pos" / "neg"
+    metrics = stage.body(micro_params(), project, FakeRun())
+
+    # then: test metrics of the encoder and of the TF-IDF baseline, on the same 12 test rows
+    for key in ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1", "eval_loss", "eval_accuracy"):
+        assert 0 <= metrics[key] <= (math.inf if key == "eval_loss" else 1), key
+    assert metrics["test_rows"] == 12 and metrics["train_rows"] + metrics["val_rows"] == 48
+    assert metrics["val_rows"] == 5 and metrics["num_labels"] == 2
+    # the baseline has seen the very sentences of the test set: it must get them right
+    assert metrics["baseline_accuracy"] == 1.0
+
+    out = project / "artifacts" / "classify"
+    labels = LabelMap.from_json((out / "labels.json").read_text())
+    assert labels == LabelMap(("neg", "pos"))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert LabelMap.from_id2label(model.config.id2label) == labels
+    assert model.config.label2id == {"neg": 0, "pos": 1}
+    # the encoder started as the masked LM's and was fine-tuned
+    start = BertForMaskedLM.from_pretrained(mlm_folder).bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(start, model.bert.encoder.layer[0].attention.self.query.weight)
+
+    with (out / "predictions.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["text"] for r in rows] == POSITIVE + NEGATIVE
+    assert {r["prediction"] for r in rows} <= {"neg", "pos"} and rows[0]["label"] == "pos"
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["encoder"]["accuracy"] == metrics["accuracy"]
+    assert sum(map(sum, evaluation["baseline"]["confusion_matrix"])) == 12
+    for name in ("confusion.png", "confusion_baseline.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in ("model.safetensors", "tokenizer.json", "history.csv", "run.json"):
+        assert (out / name).is_file(), name
+
+
+def test_unknown_test_label_names_file_line_column_and_writes_nothing(project):
+    # given a test file whose 3rd data row (line 4) has a label the training file never had
+    write_tsv(project / "data" / "test.tsv", [(1, "좋아요", "pos"), (2, "싫어요", "neg"), (3, "그냥 그래요", "neutral")])
+
+    with pytest.raises(DataError) as raised:
+        stage.body(micro_params(), project, FakeRun())
+
+    message = str(raised.value)
+    assert message.startswith(f"{project / 'data' / 'test.tsv'}, line 4, field 'label'")
+    assert "'neutral'" in message and "['neg', 'pos']" in message
+    assert not (project / "artifacts" / "classify").exists()
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "expected"),
+    [
+        ([(1, "좋아요", "pos"), (2, "", "neg")], ("id", "document", "label"), "line 3, field 'document': text is empty"),
+        ([(1, "좋아요", "pos"), (2, "싫어요", " ")], ("id", "document", "label"), "line 3, field 'label': label is missing"),
+        ([(1, "좋아요", "pos")], ("id", "review", "label"), "line 1, field 'document': no column 'document'"),
+    ],
+)
+def test_bad_training_rows_fail_before_any_training(project, rows, header, expected):
+    write_tsv(project / "data" / "train.tsv", rows, header)
+    with pytest.raises(DataError, match=expected):
+        stage.body(micro_params(), project, FakeRun())
+    assert not (project / "artifacts" / "classify").exists()
+
+
+def test_a_single_label_is_not_a_classification_task(project):
+    write_tsv(project / "data" / "train.tsv", [(i, t, "pos") for i, t in enumerate(POSITIVE)])
+    with pytest.raises(DataError, match="only the label \\['pos'\\]; a classifier needs at least two"):
+        stage.body(micro_params(), project, FakeRun())
+
+
+def test_sentence_pairs_from_jsonl(project):
+    # given a JSONL pair task with integer labels: 1 when the two sentences agree in sentiment
+    pairs = [(a, b, int((a in POSITIVE) == (b in POSITIVE))) for a in POSITIVE[:3] + NEGATIVE[:3]
+             for b in POSITIVE[3:] + NEGATIVE[3:]]
+    lines = [json.dumps({"s1": a, "s2": b, "same": y}, ensure_ascii=False) for a, b, y in pairs]
+    (project / "data" / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    metrics = stage.body(micro_params(train_path="data/pairs.jsonl", test_path="data/pairs.jsonl", text_column="s1",
+                                      text_pair_column="s2", label_column="same", max_steps=2), project, FakeRun())
+
+    assert metrics["test_rows"] == 36 and metrics["num_labels"] == 2
+    with (project / "artifacts" / "classify" / "predictions.csv").open(encoding="utf-8") as fh:
+        first = next(csv.DictReader(fh))
+    assert (first["text"], first["text_pair"], first["label"]) == (pairs[0][0], pairs[0][1], "1")
+
+
+def test_subsample_is_seeded_and_keeps_file_order():
+    rows = [{"i": i} for i in range(100)]
+    picked = stage.subsample(rows, 10, seed=3)
+    assert picked == stage.subsample(rows, 10, seed=3) != stage.subsample(rows, 10, seed=4)
+    assert [r["i"] for r in picked] == sorted(r["i"] for r in picked)
+    assert stage.subsample(rows, None, seed=3) is rows and stage.subsample(rows, 200, seed=3) is rows
+
+
+def test_hold_out_splits_a_tenth_without_overlap():
+    rows = [{"i": i} for i in range(48)]
+    train, val = stage.hold_out(rows, 0.1, seed=0)
+    assert len(val) == 5 and len(train) == 43
+    assert sorted(r["i"] for r in train + val) == list(range(48))

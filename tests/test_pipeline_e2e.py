@@ -1,0 +1,114 @@
+"""End to end: the whole pipeline on the micro preset under Prefect's test harness, then again (all skipped).
+
+Given a fresh copy of the project (its own git repo, DVC cache, MLflow store, Prefect home),
+when the flow runs twice, then every stage ran once, the runs and the registry are in MLflow,
+and the second run skipped everything and registered nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import copy_project
+
+pytestmark = pytest.mark.e2e
+
+DECODER = ["pretrain", "sft", "reward", "align", "evaluate"]
+ENCODER = ["mlm", "classify"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("project"), "micro", tracks={"encoder": True})
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    with prefect_test_harness(server_startup_timeout=120):
+        first = pipeline(root=str(root))
+        second = pipeline(root=str(root))
+    yield root, first, second
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def statuses(results):
+    return {r["stage"]: r["status"] for r in results}
+
+
+def test_every_stage_ran_and_wrote_its_metrics(project):
+    root, first, _ = project
+    assert statuses(first) == {s: "ran" for s in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]}
+    for stage in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]:
+        metrics = json.loads((root / "metrics" / f"{stage}.json").read_text())
+        assert metrics["wall_time_s"] > 0, stage
+    evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
+    for key in ("exact_match", "win_rate", "reward_accuracy", "kl_to_reference", "policy_perplexity"):
+        assert evaluation[f"{key}_ci_low"] <= evaluation[key] <= evaluation[f"{key}_ci_high"] if \
+            f"{key}_ci_low" in evaluation else key in evaluation
+    assert (root / "reports" / "evaluation.md").read_text().startswith("# Evaluation report")
+    assert (root / "artifacts" / "pretrain" / "history.csv").is_file()
+
+
+def test_second_run_skips_every_stage(project):
+    _, _, second = project
+    assert set(statuses(second).values()) == {"skipped"}
+
+
+def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage(project):
+    import mlflow
+
+    root, _, _ = project
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("instructflow")
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 2  # one per pipeline run
+    first_parent = min(parents, key=lambda r: r.info.start_time)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(
+        ["prepare", "tokenizer", *DECODER, *ENCODER, "register"])
+    sft = next(r for r in children if r.info.run_name == "sft")
+    assert "sft.lr" in sft.data.params
+    history = client.get_metric_history(sft.info.run_id, "loss")
+    assert len(history) >= 2 and {"learning_rate", "grad_norm", "tokens_per_sec"} <= set(sft.data.metrics)
+
+
+def test_registry_holds_champions_with_lineage(project):
+    from mlflow import MlflowClient
+
+    root, _, _ = project
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}", f"sqlite:///{root / 'mlflow.db'}")
+    for name in ("instructflow-policy", "instructflow-reward", "instructflow-encoder", "instructflow-classifier"):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == 1, f"{name}: the second run must register nothing new"
+        champion = client.get_model_version_by_alias(name, "champion")
+        tags = champion.tags
+        assert tags["git_commit"] and tags["params_hash"]
+        assert any(k.startswith("data.data/raw") and k.endswith(".md5") for k in tags), tags
+        assert {"run.prepare", "run.tokenizer"} <= set(tags)
+    policy = client.get_model_version_by_alias("instructflow-policy", "champion")
+    assert {"run.sft", "run.align", "run.evaluate", "metric.exact_match"} <= set(policy.tags)
+
+
+def test_changing_align_beta_invalidates_only_align(project):
+    from instructflow.config import write_overrides
+
+    root, _, _ = project
+    params = (root / "params.yaml").read_text()
+    try:
+        write_overrides(root / "params.yaml", ["align.beta=0.25"])
+        out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                             text=True, check=True)
+        assert set(json.loads(out.stdout)) == {"align"}
+    finally:
+        (root / "params.yaml").write_text(params)

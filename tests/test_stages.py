@@ -1,0 +1,67 @@
+"""Stage processes and the CLI on bad input: a clear message, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import copy_project
+from typer.testing import CliRunner
+
+from instructflow.cli import app
+
+
+def run_stage(root, stage):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "INSTRUCTFLOW_ROOT": str(root)}
+    return subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_prepare_fails_on_a_bad_user_row_and_keeps_the_previous_output(tmp_path):
+    root = copy_project(tmp_path, "micro")
+    assert run_stage(root, "prepare").returncode == 0
+    before = {p.name: p.read_bytes() for p in (root / "data" / "prepared").iterdir()}
+
+    # given a user SFT file whose second line has an empty response
+    (root / "data" / "user" / "chats.jsonl").write_text(
+        '{"prompt": "Say hi", "completion": "hi"}\n{"prompt": "Say bye", "completion": "  "}\n', encoding="utf-8")
+    params = (root / "params.yaml").read_text().replace(
+        "  sources: []", "  sources:\n    - {path: data/user/chats.jsonl, role: sft}")
+    (root / "params.yaml").write_text(params)
+
+    result = run_stage(root, "prepare")
+
+    assert result.returncode == 2
+    message = result.stdout + result.stderr
+    assert "chats.jsonl, line 2, field 'completion'" in message
+    after = {p.name: p.read_bytes() for p in (root / "data" / "prepared").iterdir()}
+    assert after == before  # nothing partial: the old output stands, byte for byte
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_a_stage_whose_track_is_off_records_it_and_trains_nothing(tmp_path):
+    root = copy_project(tmp_path, "micro")  # tracks: decoder on, encoder off
+    result = run_stage(root, "mlm")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((root / "metrics" / "mlm.json").read_text()) == {"track_chosen": 0}
+    assert [p.name for p in (root / "artifacts" / "mlm").iterdir()] == ["run.json"]
+
+
+def test_run_rejects_a_bad_override_before_any_work(tmp_path):
+    root = copy_project(tmp_path, "micro")
+    params = (root / "params.yaml").read_text()
+
+    result = CliRunner().invoke(app, ["run", "--root", str(root), "--set", "align.betaa=0.2"])
+
+    assert result.exit_code == 2
+    assert "unknown key 'align.betaa'" in result.output and "beta" in result.output
+    assert (root / "params.yaml").read_text() == params
+    assert not (root / "data" / "prepared").exists() and not (root / ".prefect").exists()
+
+
+def test_run_rejects_a_bad_value_naming_what_is_allowed(tmp_path):
+    root = copy_project(tmp_path, "micro")
+    result = CliRunner().invoke(app, ["run", "--root", str(root), "--set", "align.loss_type=hinge"])
+    assert result.exit_code == 2
+    assert "align.loss_type = 'hinge'" in result.output and "'sigmoid' or 'ipo'" in result.output

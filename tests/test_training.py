@@ -1,0 +1,287 @@
+"""models/training.py and models/decoder.py: the shared loop learns, schedules, checkpoints and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_tokenizer import CORPUS, make_test_tokenizer
+
+from instructflow.config import load_params
+from models.decoder import build_decoder, collate_lm, lm_eval_loss, lm_step, pack
+from models.tokenizer import IGNORE_INDEX
+from models.training import LoopSettings, train
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_test_tokenizer()
+
+
+def micro_decoder(tok, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_decoder(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                         max_position_embeddings=64)
+
+
+def repeated(tok, copies: int = 8) -> list[dict]:
+    """One short sentence, <|bos|> ... <|eos|>, trained on in full: a set the model can memorise."""
+    ids = [tok.bos_token_id, *tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"],
+           tok.eos_token_id]
+    return [{"input_ids": ids, "labels": ids}] * copies
+
+
+def settings(**kwargs) -> LoopSettings:
+    defaults = dict(batch_size=4, max_steps=30, lr=3e-3, bf16=False, logging_steps=1, warmup_ratio=0.1)
+    return LoopSettings(**{**defaults, **kwargs})
+
+
+def collate(tok):
+    return partial(collate_lm, pad_id=tok.pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------ the loop learns
+def test_train_changes_the_weights_and_lowers_the_loss(tok):
+    model = micro_decoder(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    history = train(model, repeated(tok), collate(tok), lm_step, settings())
+
+    assert [row["step"] for row in history] == list(range(1, 31))
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert first > 5.0  # about ln(400) = 6.0 at random init
+    assert last < 0.75 * first  # measured: 6.04 -> 3.76
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "model.embed_tokens.weight" in changed
+    assert any("layers.1.mlp" in k for k in changed)
+    assert not model.training  # handed back in eval mode
+    assert all(row["tokens_per_sec"] > 0 and math.isfinite(row["grad_norm"]) for row in history)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero(tok):
+    # 10 steps, warmup_ratio 0.2: 2 warmup steps. The lr logged at step s is the one set after s steps:
+    # s / 2 * peak while warming up, then peak * 0.5 * (1 + cos(pi * (s - 2) / 8))
+    peak = 1e-2
+    history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step,
+                    settings(max_steps=10, lr=peak, warmup_ratio=0.2))
+
+    lrs = [row["learning_rate"] for row in history]
+    expected = [peak * s / 2 if s < 2 else peak * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(1, 11)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(peak)  # the peak after warmup
+    assert lrs[5] == pytest.approx(peak * 0.5)  # halfway through the decay: half the peak
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_logging_steps_pick_the_rows_and_average_the_window(tok):
+    every = [row["loss"] for row in train(micro_decoder(tok), repeated(tok), collate(tok), lm_step,
+                                          settings(max_steps=7, logging_steps=1))]
+
+    history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step,
+                    settings(max_steps=7, logging_steps=3))
+
+    assert [row["step"] for row in history] == [1, 3, 6, 7]  # the first, every 3rd, and the last
+    # each row is the mean over the steps since the previous row (same seed: the same run)
+    windows = [every[0:1], every[1:3], every[3:6], every[6:7]]
+    assert [row["loss"] for row in history] == pytest.approx([sum(w) / len(w) for w in windows], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def crash_on_call(n: int):
+    """A step_fn that dies on its n-th call, like a killed worker (after n - 1 completed steps)."""
+    calls = {"n": 0}
+
+    def step_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("worker killed")
+        return lm_step(model, batch)
+
+    return step_fn
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_run_ends(tok, tmp_path, caplog):
+    # every batch is the same sentence, so data order cannot differ: an exact resume must give the same weights
+    data, loop = repeated(tok), settings(max_steps=6, save_steps=2, warmup_ratio=0.2)
+    unbroken = micro_decoder(tok)
+    train(unbroken, data, collate(tok), lm_step, loop)
+
+    with pytest.raises(RuntimeError, match="worker killed"):
+        train(micro_decoder(tok), data, collate(tok), crash_on_call(5), loop, checkpoint_dir=tmp_path, resume_key="a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-4"]
+    assert json.loads((tmp_path / "step-4" / "loop.json").read_text()) == {"step": 4, "key": "a"}
+
+    resumed = micro_decoder(tok)
+    with caplog.at_level(logging.INFO, logger="instructflow"):
+        history = train(resumed, data, collate(tok), lm_step, loop, checkpoint_dir=tmp_path, resume_key="a")
+
+    assert [row["step"] for row in history] == [5, 6]
+    assert any("resumed from" in r.getMessage() and "at step 4" in r.getMessage() for r in caplog.records)
+    # weights, optimiser moments and lr schedule all restored (measured: bit-identical; a fresh optimiser state
+    # would move the weights by about lr = 3e-3)
+    for name, value in unbroken.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.xfail(strict=True, reason="known: a resumed run restarts the data at epoch 0's first batch instead of "
+                                      "continuing where the killed run stopped (no set_epoch / skip of the batches "
+                                      "already trained on), so it repeats the start of the data")
+def test_a_resumed_run_continues_the_data_stream(tok, tmp_path):
+    data = [{"input_ids": ids, "labels": ids} for ids in
+            ([tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+             for text in CORPUS[:8])]  # 8 different sentences: 2 batches of 4 per epoch, reshuffled every epoch
+    loop = settings(max_steps=6, save_steps=2, warmup_ratio=0.2)
+
+    def recording(seen: list, die_on: int | None = None):
+        def step_fn(model, batch):
+            seen.append(batch["input_ids"][:, 1].tolist())  # each row's first word: which rows the batch holds
+            if len(seen) == die_on:
+                raise RuntimeError("worker killed")
+            return lm_step(model, batch)
+        return step_fn
+
+    unbroken, killed, resumed = [], [], []
+    train(micro_decoder(tok), data, collate(tok), recording(unbroken), loop)
+    with pytest.raises(RuntimeError):
+        train(micro_decoder(tok), data, collate(tok), recording(killed, die_on=5), loop,
+              checkpoint_dir=tmp_path, resume_key="a")
+    train(micro_decoder(tok), data, collate(tok), recording(resumed), loop, checkpoint_dir=tmp_path, resume_key="a")
+
+    assert killed[:4] == unbroken[:4]
+    assert resumed == unbroken[4:]  # measured: resumed == unbroken[:2], the first epoch's batches again
+
+
+def test_checkpoints_keep_the_last_two_and_skip_the_final_step(tok, tmp_path):
+    train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, settings(max_steps=7, save_steps=2),
+          checkpoint_dir=tmp_path, resume_key="a")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6"]
+
+
+def test_short_run_then_longer_run_resumes_at_the_checkpoint(tok, tmp_path):
+    train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, settings(max_steps=4, save_steps=2),
+          checkpoint_dir=tmp_path, resume_key="a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]  # step 4 is the last: not saved
+
+    history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, settings(max_steps=6, save_steps=2),
+                    checkpoint_dir=tmp_path, resume_key="a")
+
+    assert history[0]["step"] == 3 and history[-1]["step"] == 6
+
+
+def test_another_resume_key_starts_fresh(tok, tmp_path):
+    train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, settings(max_steps=4, save_steps=2),
+          checkpoint_dir=tmp_path, resume_key="a")
+
+    history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, settings(max_steps=6, save_steps=2),
+                    checkpoint_dir=tmp_path, resume_key="b")
+
+    assert history[0]["step"] == 1 and history[-1]["step"] == 6
+
+
+# ------------------------------------------------------------------------------------------ failures
+def test_empty_dataset_raises(tok):
+    with pytest.raises(ValueError, match="empty"):
+        train(micro_decoder(tok), [], collate(tok), lm_step, settings())
+
+
+def test_nan_loss_raises_floating_point_error(tok):
+    def nan_step(model, batch):
+        loss, metrics, n = lm_step(model, batch)
+        return loss * float("nan"), metrics, n
+
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        train(micro_decoder(tok), repeated(tok), collate(tok), nan_step, settings())
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_loop_settings_from_a_stage_config():
+    params = load_params(PARAMS, preset="micro")
+
+    pretrain = LoopSettings.from_config(params.pretrain, seed=7)
+    sft = LoopSettings.from_config(params.sft, seed=7, max_steps=3)
+
+    assert (pretrain.batch_size, pretrain.max_steps, pretrain.eval_steps) == (8, 12, 4)  # micro preset
+    assert pretrain.lr == params.pretrain.lr and pretrain.warmup_ratio == params.pretrain.warmup_ratio
+    assert pretrain.save_steps == params.pretrain.save_steps and pretrain.seed == 7
+    assert sft.save_steps is None  # SFT has no checkpoints
+    assert sft.max_steps == 3  # an explicit extra wins over the config
+    assert sft.batch_size == 8 and sft.lr == params.sft.lr and sft.bf16 == params.sft.bf16
+
+
+# ------------------------------------------------------------------------------------------ data shapes
+def test_pack_wraps_documents_and_drops_the_tail():
+    blocks = pack([[5, 6], [7, 8, 9], [10]], seq_len=4, bos_id=1, eos_id=2)
+
+    # stream: 1 5 6 2 | 1 7 8 9 | 2 1 10 2 -> three full blocks, nothing left over
+    assert blocks.dtype == torch.long
+    assert blocks.tolist() == [[1, 5, 6, 2], [1, 7, 8, 9], [2, 1, 10, 2]]
+    assert pack([[5, 6], [7]], seq_len=4, bos_id=1, eos_id=2).tolist() == [[1, 5, 6, 2]]  # tail '1 7 2' dropped
+    assert pack([[5]], seq_len=4, bos_id=1, eos_id=2).shape == (0, 4)
+
+
+def test_collate_lm_pads_right_and_masks_the_padding():
+    rows = [{"input_ids": [1, 5, 6], "labels": [IGNORE_INDEX, 5, 6]}, {"input_ids": [1], "labels": [1]}]
+
+    batch = collate_lm(rows, pad_id=0)
+
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 6], [1, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_lm_step_counts_non_pad_tokens(tok):
+    batch = collate_lm([{"input_ids": [1, 5, 6], "labels": [1, 5, 6]}, {"input_ids": [1], "labels": [1]}], pad_id=0)
+
+    _, _, n_tokens = lm_step(micro_decoder(tok), batch)
+
+    assert n_tokens == 4
+
+
+class Bigram(torch.nn.Module):
+    """Logits at t depend on token t only: after token a, p(a) = 3/4 and p(other) = 1/4 (vocabulary 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor([[math.log(3), 0.0], [0.0, math.log(3)]]))
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.table[input_ids]})  # (B, T, V)
+
+
+def test_lm_eval_loss_is_the_token_weighted_mean_of_next_token_losses():
+    # batch 1: 0 0 1 1, all labelled: 0->0 (3/4), 0->1 (1/4), 1->1 (3/4)
+    # batch 2: 1 0 <pad>, only position 1 labelled: 1->0 (1/4)
+    # mean over the 4 predicted tokens: (2 ln(4/3) + 2 ln 4) / 4 = 0.8370 (a mean of batch means would be 1.020)
+    batches = [collate_lm([{"input_ids": [0, 0, 1, 1], "labels": [0, 0, 1, 1]}], pad_id=0),
+               collate_lm([{"input_ids": [1, 0], "labels": [IGNORE_INDEX, 0]}, {"input_ids": [1], "labels": [1]}],
+                          pad_id=0)]
+
+    loss = lm_eval_loss(Bigram(), batches)
+
+    assert loss == pytest.approx((2 * math.log(4 / 3) + 2 * math.log(4)) / 4)
+    assert loss == pytest.approx(0.8370, abs=1e-4)
+
+
+def test_lm_eval_loss_matches_the_model_loss_on_one_batch(tok):
+    model = micro_decoder(tok).eval()
+    batch = collate_lm(repeated(tok, copies=2), pad_id=tok.pad_token_id)
+
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+
+    assert lm_eval_loss(model, [batch]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lm_eval_loss_without_labels_raises():
+    batch = collate_lm([{"input_ids": [0, 1], "labels": [IGNORE_INDEX, IGNORE_INDEX]}], pad_id=0)
+
+    with pytest.raises(ValueError, match="no held-out tokens"):
+        lm_eval_loss(Bigram(), [batch])
