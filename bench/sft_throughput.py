@@ -40,7 +40,7 @@ from tasks.sft import sft_examples  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help="model sizes, vocab and SFT shapes from this preset (default tiny)")
+    ap.add_argument("--preset", default="tiny", help="model sizes, vocab and SFT shapes of this preset (tiny)")
     ap.add_argument("--steps", type=int, default=40, help="optimiser steps per timed run, warmup included")
     ap.add_argument("--warmup", type=int, default=8, help="steps left out of the timing (first-call costs)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side, from the same initial weights")

@@ -81,20 +81,23 @@ def encode_chat(tok: PreTrainedTokenizerFast, messages: Sequence[dict], add_gene
     labels = [IGNORE_INDEX]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, message in enumerate(messages):
-        header = _ids(tok, ROLE_TOKENS[message["role"]] + "\n")
-        body = _ids(tok, message["content"])
-        ids += header
-        labels += [IGNORE_INDEX] * len(header)
-        if message["role"] == "assistant":
-            body = body + [tok.eos_token_id]
-            trained = train_on == "all_assistant" or i == last
-            labels += body if trained else [IGNORE_INDEX] * len(body)
-        else:
-            labels += [IGNORE_INDEX] * len(body)
-        ids += body
+        header = ROLE_TOKENS[message["role"]] + "\n"
+        if message["role"] != "assistant":
+            # untrained text is tokenized whole, as the template renders it (a trailing newline in the
+            # content merges with the template's own)
+            context = _ids(tok, header + message["content"] + "\n")
+            ids += context
+            labels += [IGNORE_INDEX] * len(context)
+            continue
+        # <|eos|> is special, so nothing merges across it; the response starts on a pre-token boundary
+        # after the header's newline (prepare strips contents, so none starts with whitespace)
+        head = _ids(tok, header)
+        body = _ids(tok, message["content"]) + [tok.eos_token_id]
+        trained = train_on == "all_assistant" or i == last
         newline = _ids(tok, "\n")
-        ids += newline
-        labels += [IGNORE_INDEX] * len(newline)
+        ids += head + body + newline
+        labels += [IGNORE_INDEX] * len(head) + (body if trained else [IGNORE_INDEX] * len(body)) \
+            + [IGNORE_INDEX] * len(newline)
     if add_generation_prompt:
         gen = _ids(tok, ROLE_TOKENS["assistant"] + "\n")
         ids += gen

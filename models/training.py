@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 log = logging.getLogger("instructflow")
@@ -67,6 +66,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Accelerator) -> list[list[int]]:
+    """This process's batches of one epoch: a shuffle seeded by (seed, epoch), so any epoch can be rebuilt.
+
+    The last short batch is dropped when there is a full one; under several processes (DDP) each takes
+    every world-size-th batch, all the same number.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    world = accel.num_processes
+    usable = max(len(batches) // world, 1) * world
+    return batches[:usable][accel.process_index::world]
+
+
 def _latest_checkpoint(folder: Path, key: str) -> Path | None:
     found = []
     for ckpt in folder.glob("step-*"):
@@ -90,13 +104,10 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     set_seed(settings.seed)
     accel = Accelerator(mixed_precision="bf16" if use_bf16(settings.bf16) else "no",
                         cpu=not torch.cuda.is_available(), gradient_accumulation_steps=settings.grad_accum)
-    generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
-                        generator=generator, drop_last=len(dataset) >= settings.batch_size)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     warmup = int(settings.warmup_ratio * settings.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.max_steps)
-    model, optimizer, loader, scheduler = accel.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
 
     step = 0
     if checkpoint_dir is not None and resume_key is not None and settings.save_steps:
@@ -111,11 +122,13 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     n_micro, tokens, t0 = 0, 0, time.perf_counter()
     grad_norm = float("nan")
     model.train()
-    epoch = 0
+    # where the data stream stands: a resumed run carries on with the batch after the last one trained
+    per_epoch = len(epoch_batches(len(dataset), settings.batch_size, settings.seed, 0, accel))
+    epoch, skip = divmod(step * settings.grad_accum, per_epoch)
     while step < settings.max_steps:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
+        for index in epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch, accel)[skip:]:
+            batch = {k: v.to(accel.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in collate([dataset[i] for i in index]).items()}
             with accel.accumulate(model):
                 loss, metrics, n_tokens = step_fn(model, batch)
                 if not torch.isfinite(loss):
@@ -156,7 +169,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
                 _save_checkpoint(accel, checkpoint_dir, step, resume_key or "")
             if last:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     model.eval()
     return history
 

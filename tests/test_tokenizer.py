@@ -133,9 +133,6 @@ def test_prompt_plus_response_is_the_training_conversation(tok):
     assert prompt + response + ids_of(tok, "\n") == ids
 
 
-@pytest.mark.xfail(strict=True, reason="known: content ending in whitespace merges with the template's newline "
-                                      "('?\\n' + '\\n' -> one 'ĊĊ' token) in the template but not in encode_chat; "
-                                      "prepare strips every content, so the pipeline never meets it")
 def test_encode_chat_equals_the_template_when_content_ends_with_a_newline(tok):
     messages = [{"role": "user", "content": "What is it?\n"}, {"role": "assistant", "content": "A test."}]
 

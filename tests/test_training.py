@@ -33,8 +33,8 @@ def micro_decoder(tok, seed: int = 0):
 
 def repeated(tok, copies: int = 8) -> list[dict]:
     """One short sentence, <|bos|> ... <|eos|>, trained on in full: a set the model can memorise."""
-    ids = [tok.bos_token_id, *tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"],
-           tok.eos_token_id]
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
     return [{"input_ids": ids, "labels": ids}] * copies
 
 
@@ -130,9 +130,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroke
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="known: a resumed run restarts the data at epoch 0's first batch instead of "
-                                      "continuing where the killed run stopped (no set_epoch / skip of the batches "
-                                      "already trained on), so it repeats the start of the data")
 def test_a_resumed_run_continues_the_data_stream(tok, tmp_path):
     data = [{"input_ids": ids, "labels": ids} for ids in
             ([tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
