@@ -198,8 +198,10 @@ def _load_components(model_dir: Path, task: str) -> dict:
     if not (model_dir / "config.json").is_file():
         raise InstructflowError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     auto_class = getattr(transformers, TASK_AUTO_CLASS[task])
+    # an encoder for embeddings needs no pooler (the masked LM never trained one): don't add a random one
+    extra = {"add_pooling_layer": False} if task == "feature-extraction" else {}
     return {
-        "model": auto_class.from_pretrained(model_dir),
+        "model": auto_class.from_pretrained(model_dir, **extra),
         "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir),
     }
 

@@ -50,12 +50,15 @@ def _is_uri(source: str) -> bool:
 
 
 def _from_folder(folder: Path):
-    from transformers import AutoModel
+    import transformers
 
     from models.tokenizer import load_tokenizer
 
-    # add_pooling_layer=False: the pooler is not used for embeddings (and a masked LM has none to load)
-    return AutoModel.from_pretrained(folder, add_pooling_layer=False), load_tokenizer(folder)
+    # loaded as the architecture it was saved as (a masked LM, a classifier), so every weight finds its place and
+    # transformers prints no report of unused ones; only its encoder (`base_model`) is used
+    architectures = transformers.AutoConfig.from_pretrained(folder).architectures or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    return (model_class or transformers.AutoModel).from_pretrained(folder), load_tokenizer(folder)
 
 
 def _from_mlflow(uri: str):
@@ -125,7 +128,8 @@ def sentence_similarity(s1: str, s2: str, source: str | Path | Encoder = DEFAULT
         if not isinstance(sentence, str) or not sentence.strip():
             raise InstructflowError(f"the {name} sentence is empty")
     vectors = embed_texts([s1, s2], source, pooling)  # (2, H)
-    return cosine_similarity(torch.from_numpy(vectors[0]), torch.from_numpy(vectors[1]))
+    cosine = cosine_similarity(torch.from_numpy(vectors[0]), torch.from_numpy(vectors[1]))
+    return min(1.0, max(-1.0, cosine))  # float rounding can step just outside [-1, 1]
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from sklearn.pipeline import make_pipeline
 
+from instructflow.data import iter_csv, iter_jsonl, read_text
 from instructflow.errors import DataError
 
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -91,49 +92,20 @@ class LabelMap:
         return cls(tuple(json.loads(text)["labels"]))
 
 
-def _decode(path: Path) -> str:
-    """The file as text; non-UTF-8 bytes and empty files are errors (a UTF-8 BOM is dropped)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        column = error.start - data.rfind(b"\n", 0, error.start)  # 1-based byte within the line
-        message = f"not UTF-8: byte 0x{data[error.start]:02x} at byte {column} of the line"
-        raise DataError(path, message, line=line) from None
-    if not text.strip():
-        raise DataError(path, "file is empty")
-    return text
-
-
-def _table_rows(path: Path, text: str, delimiter: str, required: list[str]) -> Iterator[tuple[int, dict, list[str]]]:
-    """(line, row, columns) for each data row of a CSV / TSV; the header, on line 1, must name `required`."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = next(reader)
-    for column in required:
-        if column not in columns:
-            raise DataError(path, f"no column '{column}'; columns found: {columns}", line=1, field=column)
-    end = reader.line_num
-    for values in reader:
-        line, end = end + 1, reader.line_num  # a quoted field may span lines: report where the row starts
-        if not values:
-            continue  # blank line
-        if len(values) != len(columns):
-            raise DataError(path, f"expected {len(columns)} fields {columns}, found {len(values)}", line=line)
-        yield line, dict(zip(columns, values)), columns
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict, list[str]]]:
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise DataError(path, f"malformed JSON: {error.msg} (column {error.colno})", line=line) from None
-        if not isinstance(row, dict):
-            raise DataError(path, f"expected a JSON object, found {type(row).__name__}", line=line)
-        yield line, row, list(row)
+def _rows(path: Path, text: str, suffix: str, required: list[str]) -> Iterator[tuple[int, dict, list[str]]]:
+    """(line, row, columns) of each data row, through the prepare stage's readers (one parser per format:
+    TSV cells unquoted, as in NSMC; non-UTF-8 bytes named by line). A CSV/TSV header must name `required`."""
+    if suffix in JSONL_SUFFIXES:
+        for line, row in iter_jsonl(path, text):
+            yield line, row, list(row)
+        return
+    for n, (line, row) in enumerate(iter_csv(path, text, DELIMITERS[suffix])):
+        columns = list(row)
+        if n == 0:
+            for column in required:
+                if column not in columns:
+                    raise DataError(path, f"no column '{column}'; columns found: {columns}", line=1, field=column)
+        yield line, row, columns
 
 
 def read_classification(
@@ -151,13 +123,12 @@ def read_classification(
     suffix = path.suffix.lower()
     if suffix not in DELIMITERS and suffix not in JSONL_SUFFIXES:
         raise DataError(path, f"unknown extension {suffix!r}; expected one of .csv, .tsv, .jsonl")
-    text = _decode(path)
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(path, "file is empty")
     text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
     required = [*text_columns, label_column]
-    if suffix in JSONL_SUFFIXES:
-        rows = _jsonl_rows(path, text)
-    else:
-        rows = _table_rows(path, text, DELIMITERS[suffix], required)
+    rows = _rows(path, text, suffix, required)
 
     records = []
     for line, row, columns in rows:

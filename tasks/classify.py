@@ -125,6 +125,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
              len(fit_rows), len(val_rows), len(test_rows))
 
     source = root / "artifacts" / "mlm"
+    if not (source / "config.json").is_file():
+        raise InstructflowError(f"{source}: no masked LM to fine-tune; run the mlm stage first")
     tok = load_tokenizer(source)
     model = build_classifier(source, len(labels), labels.id2label, labels.label2id)
     if cfg.max_length > model.config.max_position_embeddings:

@@ -103,7 +103,7 @@ BAD_FILES = {
     "text not a string": ("a.jsonl", '{"text": 42, "label": 1}\n', "text", "label", None, 1, "text",
                           ["expected a string"]),
     "wrong field count": ("a.csv", "document,label\n좋아,1,extra\n", "document", "label", None, 2, None,
-                          ["expected 2 fields"]),
+                          ["has 3 columns but the header has 2"]),
 }
 
 
@@ -127,7 +127,7 @@ def test_bad_rows_name_file_line_and_column(tmp_path, case):
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
     path = write(tmp_path / "a.csv", "document,label\n좋아,1\n".encode() + b"caf\xe9,0\n")
-    with pytest.raises(DataError, match=r"a\.csv, line 3: not UTF-8: byte 0xe9 at byte 4 of the line"):
+    with pytest.raises(DataError, match=r"a\.csv, line 3, field 'document': not valid UTF-8 \(byte 0xe9\)"):
         read_classification(path, "document", "label")
 
 

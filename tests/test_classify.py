@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertForMaskedLM
 
 import tasks.classify as stage
 from instructflow.config import validate
-from instructflow.errors import DataError
+from instructflow.errors import DataError, InstructflowError
 from models.classification import LabelMap
 from models.encoder import build_encoder
 
@@ -175,3 +175,9 @@ def test_hold_out_splits_a_tenth_without_overlap():
     train, val = stage.hold_out(rows, 0.1, seed=0)
     assert len(val) == 5 and len(train) == 43
     assert sorted(r["i"] for r in train + val) == list(range(48))
+
+
+def test_without_a_masked_lm_the_stage_says_which_stage_to_run(project):
+    (project / "artifacts" / "mlm").unlink()
+    with pytest.raises(InstructflowError, match="no masked LM to fine-tune; run the mlm stage first"):
+        stage.body(micro_params(), project, FakeRun())

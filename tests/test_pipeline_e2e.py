@@ -112,3 +112,14 @@ def test_changing_align_beta_invalidates_only_align(project):
         assert set(json.loads(out.stdout)) == {"align"}
     finally:
         (root / "params.yaml").write_text(params)
+
+
+def test_dvc_alone_agrees_that_everything_is_up_to_date(project):
+    root, _, _ = project
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True,
+                            check=True)
+    assert "Data and pipelines are up to date" in status.stdout
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, capture_output=True, text=True,
+                           check=True, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
+    assert "Running stage" not in repro.stdout
+    assert "didn't change, skipping" in repro.stdout
