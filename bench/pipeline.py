@@ -123,6 +123,8 @@ def main() -> int:
     ap.add_argument("--preset", default="tiny", choices=["micro", "tiny", "small"], help="default: tiny")
     ap.add_argument("--keep", action="store_true", help="keep the scratch project (its path is printed)")
     ap.add_argument("--echo", action="store_true", help="stream the pipeline's own output too")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="passed to `instructflow run --set` (repeatable), e.g. tracks.encoder=true")
     args = ap.parse_args()
 
     venv_bin = ROOT / ".venv" / "bin"
@@ -135,7 +137,7 @@ def main() -> int:
     try:
         n_files = snapshot(ROOT, project)
         env = isolated_env(project, venv_bin)
-        cmd = [str(cli), "run", "--preset", args.preset]
+        cmd = [str(cli), "run", "--preset", args.preset, *(x for o in args.overrides for x in ("--set", o))]
         print(f"scratch project: {project} ({n_files} files from {ROOT})")
         print(f"running: {' '.join(cmd)}  (cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f})\n")
 
