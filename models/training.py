@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
@@ -102,6 +103,10 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     if len(dataset) == 0:
         raise ValueError("training set is empty: nothing to train on")
     set_seed(settings.seed)
+    # Accelerate keeps one precision per process; a process may train several models (tests, notebooks) with
+    # different settings, so each run starts from a clean state (the process group, if any, is kept)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accel = Accelerator(mixed_precision="bf16" if use_bf16(settings.bf16) else "no",
                         cpu=not torch.cuda.is_available(), gradient_accumulation_steps=settings.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
