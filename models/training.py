@@ -67,16 +67,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Accelerator) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Accelerator,
+                  lengths: Sequence[int] | None = None) -> list[list[int]]:
     """This process's batches of one epoch: a shuffle seeded by (seed, epoch), so any epoch can be rebuilt.
 
+    With `lengths`, rows of similar length share a batch (sorted within windows of 50 batches, then the
+    batches shuffled, as Hugging Face's LengthGroupedSampler does): far less padding for chat data.
     The last short batch is dropped when there is a full one; under several processes (DDP) each takes
     every world-size-th batch, all the same number.
     """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is not None:
+        window = batch_size * 50
+        order = [i for k in range(0, n, window) for i in sorted(order[k:k + window], key=lambda i: -lengths[i])]
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     world = accel.num_processes
     usable = max(len(batches) // world, 1) * world
     return batches[:usable][accel.process_index::world]
@@ -94,8 +103,11 @@ def _latest_checkpoint(folder: Path, key: str) -> Path | None:
 def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn: StepFn, settings: LoopSettings,
           *, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
-          checkpoint_dir: Path | None = None, resume_key: str | None = None) -> list[dict]:
+          checkpoint_dir: Path | None = None, resume_key: str | None = None,
+          lengths: Sequence[int] | None = None) -> list[dict]:
     """Train for settings.max_steps optimiser steps; returns the logged history (one dict per log line).
+
+    `lengths` (one per row) groups rows of similar length into batches (see epoch_batches).
 
     Checkpoints go to checkpoint_dir/step-N every save_steps (the last two are kept); with resume_key set,
     training resumes from the latest checkpoint written under the same key (e.g. a hash of the params).
@@ -128,10 +140,10 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     grad_norm = float("nan")
     model.train()
     # where the data stream stands: a resumed run carries on with the batch after the last one trained
-    per_epoch = len(epoch_batches(len(dataset), settings.batch_size, settings.seed, 0, accel))
+    per_epoch = len(epoch_batches(len(dataset), settings.batch_size, settings.seed, 0, accel, lengths))
     epoch, skip = divmod(step * settings.grad_accum, per_epoch)
     while step < settings.max_steps:
-        for index in epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch, accel)[skip:]:
+        for index in epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch, accel, lengths)[skip:]:
             batch = {k: v.to(accel.device) if isinstance(v, torch.Tensor) else v
                      for k, v in collate([dataset[i] for i in index]).items()}
             with accel.accumulate(model):

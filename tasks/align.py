@@ -20,7 +20,7 @@ from models.decoder import collate_pairs
 from models.losses import dpo_loss, sequence_logprobs
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, to_device, train
-from tasks.reward import preference_set
+from tasks.reward import pair_lengths, preference_set
 
 log = logging.getLogger("instructflow")
 
@@ -85,7 +85,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                 "reward_margin": sum(r[1]["reward_margin"] for r in rows) / len(rows)}
 
     history = train(policy, train_set, collate, step, LoopSettings.from_config(cfg, params.seed),
-                    eval_fn=evaluate, on_log=run.log_step)
+                    eval_fn=evaluate, on_log=run.log_step, lengths=pair_lengths(train_set))
     with atomic_dir(root / "artifacts" / "align") as out:
         policy.save_pretrained(out)
         tok.save_pretrained(out)

@@ -33,6 +33,11 @@ def preference_set(tok, rows: list[dict], max_length: int, name: str) -> list[di
     return kept
 
 
+def pair_lengths(pairs: list[dict]) -> list[int]:
+    """A pair's padded length in a batch: its longer side (for length-grouped batches)."""
+    return [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in pairs]
+
+
 def rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar rewards of a [chosen..., rejected...] batch, read at each sequence's last real token."""
     scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)  # (2B,)
@@ -72,7 +77,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
     eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
     history = train(model, train_set, collate, reward_step, LoopSettings.from_config(cfg, params.seed),
-                    eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step)
+                    eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step,
+                    lengths=pair_lengths(train_set))
     with atomic_dir(root / "artifacts" / "reward") as out:
         model.save_pretrained(out)
         tok.save_pretrained(out)

@@ -56,6 +56,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
     history = train(model, train_set, collate, lm_step, LoopSettings.from_config(cfg, params.seed),
                     eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)}, on_log=run.log_step)
+    # not length-grouped (train(lengths=...)): measured on tiny, it halves the SFT time but exact match on the
+    # held-out synthetic tasks fell from 0.135 to 0.04 (short synthetic rows then share batches only with each other)
     if cfg.method == "lora":
         model = model.merge_and_unload()  # a plain model: registered and loaded like a full fine-tune
     with atomic_dir(root / "artifacts" / "sft") as out:

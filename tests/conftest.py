@@ -33,6 +33,27 @@ def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) 
     return dest
 
 
+class FakeRun:
+    """Stands in for instructflow.tracking.StageRun when a test calls a stage body without MLflow."""
+
+    run_id = "test-run"
+
+    def __init__(self):
+        self.steps: list[tuple[int, dict]] = []
+
+    def log_step(self, step, row):
+        self.steps.append((step, row))
+
+    def log_metrics(self, metrics):
+        pass
+
+    def log_artifact(self, path, folder=None):
+        pass
+
+    def log_json(self, data, name):
+        pass
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """The CLI points this process at a project's services (os.environ); undo that after each test."""

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+from conftest import FakeRun
 import torch
 from helpers_tokenizer import make_test_tokenizer
 from transformers import AutoModelForSequenceClassification, BertForMaskedLM
@@ -23,22 +24,6 @@ POSITIVE = ["이 영화 정말 좋아요", "배우들 연기가 최고였어요"
             "the actors were great", "음식이 맛있어서 또 가고 싶어요"]
 NEGATIVE = ["너무 지루하고 재미없어요", "시간이 아까웠어요", "싫어 싫어 진짜 싫어", "This film was boring",
             "far too long", "진짜 싫어 지루해"]
-
-
-class FakeRun:
-    run_id = "test-run"
-
-    def log_step(self, step, row):
-        pass
-
-    def log_metrics(self, metrics):
-        pass
-
-    def log_artifact(self, path, folder=None):
-        pass
-
-    def log_json(self, data, name):
-        pass
 
 
 def write_tsv(path, rows, header=("id", "document", "label")):

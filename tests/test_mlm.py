@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from conftest import FakeRun
 import torch
 from helpers_tokenizer import CORPUS, make_test_tokenizer
 from transformers import BertForMaskedLM
@@ -17,27 +18,6 @@ from instructflow.config import validate
 from instructflow.errors import InstructflowError
 from models.encoder import IGNORE_INDEX
 from tasks.mlm import ChosenPositionsMLM, MaskingCollate, chunk_documents, masked_lm_loss
-
-
-class FakeRun:
-    """The StageRun calls a stage makes, recorded instead of sent to MLflow."""
-
-    run_id = "test-run"
-
-    def __init__(self):
-        self.steps: list[tuple[int, dict]] = []
-
-    def log_step(self, step, row):
-        self.steps.append((step, row))
-
-    def log_metrics(self, metrics):
-        pass
-
-    def log_artifact(self, path, folder=None):
-        pass
-
-    def log_json(self, data, name):
-        pass
 
 
 @pytest.fixture(scope="module")

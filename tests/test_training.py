@@ -282,3 +282,23 @@ def test_lm_eval_loss_without_labels_raises():
 
     with pytest.raises(ValueError, match="no held-out tokens"):
         lm_eval_loss(Bigram(), [batch])
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding():
+    from accelerate import Accelerator
+
+    from models.training import epoch_batches
+
+    accel = Accelerator(cpu=True)
+    lengths = [(i * 37) % 97 + 3 for i in range(400)]  # 400 rows of lengths 3..99
+    plain = epoch_batches(400, 8, seed=1, epoch=0, accel=accel)
+    grouped = epoch_batches(400, 8, seed=1, epoch=0, accel=accel, lengths=lengths)
+
+    assert sorted(i for b in grouped for i in b) == list(range(400))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 5
+    assert grouped == epoch_batches(400, 8, seed=1, epoch=0, accel=accel, lengths=lengths)  # rebuildable on resume
+    assert grouped != epoch_batches(400, 8, seed=1, epoch=1, accel=accel, lengths=lengths)
