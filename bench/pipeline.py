@@ -1,6 +1,6 @@
 """The whole pipeline, end to end, in a scratch copy of the project: wall time per stage, then a no-op rerun.
 
-    make bench                                   # tiny preset (about 10 minutes on 2 cores)
+    make bench                                   # tiny preset (about 13 minutes on 2 cores)
     .venv/bin/python bench/pipeline.py --preset micro --keep
 
 It copies the working tree as it is (tracked and untracked files that git does not ignore: uncommitted work

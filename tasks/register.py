@@ -26,10 +26,12 @@ log = logging.getLogger("instructflow")
 
 
 def git_commit(root: Path) -> str:
-    """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside a git checkout."""
+    """HEAD's commit, '-dirty' when tracked code differs from it; 'unknown' outside a git checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # dvc.lock is rewritten by the run itself and params.yaml is in params_hash: neither makes the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)dvc.lock", ":(exclude)params.yaml"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

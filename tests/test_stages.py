@@ -65,3 +65,15 @@ def test_run_rejects_a_bad_value_naming_what_is_allowed(tmp_path):
     result = CliRunner().invoke(app, ["run", "--root", str(root), "--set", "align.loss_type=hinge"])
     assert result.exit_code == 2
     assert "align.loss_type = 'hinge'" in result.output and "'sigmoid' or 'ipo'" in result.output
+
+
+def test_lineage_commit_is_dirty_only_when_code_changed(tmp_path):
+    from tasks.register import git_commit
+
+    root = copy_project(tmp_path, "micro")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    (root / "dvc.lock").write_text("schema: '2.0'\n")  # written by every run: not a code change
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "\n")  # covered by params_hash
+    assert git_commit(root) == head
+    (root / "tasks" / "sft.py").write_text((root / "tasks" / "sft.py").read_text() + "\n# edited\n")
+    assert git_commit(root) == head + "-dirty"
