@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, final_metrics, run_stage, save_history, write_run_info
+from instructflow.stage import atomic_dir, final_metrics, read_prepared, run_stage, save_history, write_run_info
 from instructflow.tracking import StageRun
 from models.decoder import build_decoder, lm_eval_loss, lm_step, pack
 from models.tokenizer import load_tokenizer
@@ -19,9 +18,8 @@ from models.training import LoopSettings, perplexity, train
 log = logging.getLogger("instructflow")
 
 
-def packed_blocks(tok, path: Path, seq_len: int):
-    with path.open(encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in fh if line.strip()]
+def packed_blocks(tok, root: Path, name: str, seq_len: int):
+    texts = [row["text"] for row in read_prepared(root, name)]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     blocks = pack(ids, seq_len, tok.bos_token_id, tok.eos_token_id)  # (N, T)
     return [{"input_ids": b, "labels": b} for b in blocks]
@@ -37,8 +35,8 @@ def collate_blocks(rows: list[dict]) -> dict:
 def body(params: Params, root: Path, run: StageRun) -> dict:
     cfg = params.pretrain
     tok = load_tokenizer(root / "artifacts" / "tokenizer")
-    train_set = packed_blocks(tok, root / "data" / "prepared" / "pretrain_train.jsonl", cfg.seq_len)
-    eval_set = packed_blocks(tok, root / "data" / "prepared" / "pretrain_eval.jsonl", cfg.seq_len)
+    train_set = packed_blocks(tok, root, "pretrain_train", cfg.seq_len)
+    eval_set = packed_blocks(tok, root, "pretrain_eval", cfg.seq_len)
     if not eval_set:
         raise InstructflowError(f"held-out pretraining text is shorter than one block of {cfg.seq_len} tokens")
     model = build_decoder(tok, **cfg.model.model_dump())

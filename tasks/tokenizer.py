@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, run_stage, write_run_info
+from instructflow.stage import atomic_dir, read_prepared, run_stage, write_run_info
 from instructflow.tracking import StageRun
 from models.tokenizer import train_tokenizer
 
@@ -18,14 +17,8 @@ log = logging.getLogger("instructflow")
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
 
-def read_texts(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line in fh if line.strip()]
-
-
 def body(params: Params, root: Path, run: StageRun) -> dict:
-    prepared = root / "data" / "prepared"
-    train, held_out = read_texts(prepared / "pretrain_train.jsonl"), read_texts(prepared / "pretrain_eval.jsonl")
+    train, held_out = ([row["text"] for row in read_prepared(root, name)] for name in ("pretrain_train", "pretrain_eval"))
     tok = train_tokenizer(train, params.tokenizer.vocab_size, params.tokenizer.min_frequency)
     log.info("trained BPE: %d tokens (asked for %d) on %d documents", len(tok), params.tokenizer.vocab_size, len(train))
 
