@@ -6,11 +6,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 MLFLOW_DISABLE_TELEMETRY=true \
-       PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 \
-       PREFECT_HOME=$(CURDIR)/.prefect
+# The environment every entry point also sets for itself (instructflow/env.py): offline, no telemetry, the
+# project's own Prefect home and MLflow store. One export per line: `export A=1 B=2` would define only A.
+# `make env` prints what these targets pass on (a test reads it back).
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TRANSFORMERS_VERBOSITY := error
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: run test bench mlflow-ui prefect-ui serve venv clean
+.PHONY: run test bench mlflow-ui prefect-ui serve venv clean env
 
 venv: $(STAMP)
 
@@ -36,10 +46,13 @@ serve: $(STAMP)
 	$(BIN)/instructflow serve
 
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 prefect-ui: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
+env:
+	@$(PYTHON) -m instructflow.env
+
 clean:
-	rm -rf .prefect mlflow.db mlartifacts checkpoints data/prepared artifacts metrics plots reports registry
+	rm -rf .prefect mlflow.db mlartifacts checkpoints data/prepared artifacts metrics plots reports registry lineage dvc_plots

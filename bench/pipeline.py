@@ -15,7 +15,6 @@ It prints figures; it asserts nothing (a failed run prints its log tail and exit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -28,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from instructflow.cli import KEY_METRICS  # noqa: E402
-from instructflow.config import STAGES  # noqa: E402
-from instructflow.tracking import PARENT_ENV  # noqa: E402
+from apps.cli import KEY_METRICS, stage_figures  # noqa: E402
+from instructflow.stages import NAMES as STAGES  # noqa: E402
+from tasks.tracking import PARENT_ENV  # noqa: E402
 
 # flows/pipeline.py logs "stage <name> <status> in <s>s" for each stage (off: its track is not chosen), and the
 # CLI titles its summary table
@@ -92,8 +91,8 @@ def stage_results(output: str) -> dict[str, tuple[str, float]]:
 
 
 def read_metrics(project: Path) -> dict[str, dict]:
-    folder = project / "metrics"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+    """Each stage's figures: metrics/<stage>.json, with lineage/<stage>.json's timings (wall_time_s, tokens/s)."""
+    return {stage: stage_figures(project, stage) for stage in STAGES}
 
 
 def fmt(value) -> str:
@@ -105,7 +104,7 @@ def fmt(value) -> str:
 def print_table(results: dict[str, tuple[str, float]], metrics: dict[str, dict]) -> None:
     rows = [(s, *results[s]) for s in STAGES if s in results]
     print(f"{'stage':10} {'status':9} {'task s':>8} {'stage s':>8}  key metrics")
-    print(f"{'':10} {'':9} {'(flow)':>8} {'(json)':>8}")
+    print(f"{'':10} {'':9} {'(flow)':>8} {'(lineage)':>8}")
     for stage, status, wall in rows:
         m = metrics.get(stage, {})
         stage_wall = m.get("wall_time_s")

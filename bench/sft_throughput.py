@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import instructflow  # noqa: E402,F401  (offline, no telemetry)
+from instructflow import env  # noqa: E402
+
+env.setup(ROOT)  # offline, no telemetry, before torch and transformers load
+
 import torch  # noqa: E402
 
 from instructflow.config import SyntheticConfig, validate  # noqa: E402

@@ -1,3 +1,5 @@
 """Prefect flows: the pipeline, its deployment and schedule."""
 
-import instructflow  # noqa: F401
+from instructflow import env
+
+env.setup()

@@ -1,5 +1,6 @@
-"""instructflow: InstructGPT-style training as a Prefect + DVC + MLflow pipeline."""
+"""instructflow's core: errors, the environment, params (config), the stage table, file readers and writers.
 
-from instructflow import env as _env  # noqa: F401  (sets the offline / no-telemetry environment first)
+Everything may import the core; the core imports no other layer and changes nothing on import.
+"""
 
 __version__ = "0.1.0"

@@ -21,10 +21,6 @@ from instructflow.errors import ConfigError
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 PRESET_NAMES = ("micro", "tiny", "small")
-# every stage in pipeline order (dvc.yaml and flows/pipeline.py tell it in the same order), and the track of each
-STAGES = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "mlm", "classify", "register")
-TRACK_OF = {"pretrain": "decoder", "sft": "decoder", "reward": "decoder", "align": "decoder", "evaluate": "decoder",
-            "mlm": "encoder", "classify": "encoder"}
 
 
 class Section(BaseModel):
@@ -231,12 +227,16 @@ class Params(Section):
 
     def chosen(self, stage: str) -> bool:
         """Whether a stage's track is chosen (prepare, tokenizer and register serve every track)."""
-        track = TRACK_OF.get(stage)
+        from instructflow.stages import stage as stage_named
+
+        track = stage_named(stage).track
         return track is None or getattr(self.tracks, track)
 
     def stages(self) -> list[str]:
         """The stages of the chosen tracks, in pipeline order."""
-        return [s for s in STAGES if self.chosen(s)]
+        from instructflow.stages import NAMES
+
+        return [s for s in NAMES if self.chosen(s)]
 
     def digest(self) -> str:
         """A short hash of the resolved params: the lineage tag of everything made with them."""
@@ -347,19 +347,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict, overrides: list[str], preset: str | None = None) -> dict:
-    out = copy.deepcopy(data)
+def _set_overrides(tree: Any, overrides: list[str], preset: str | None) -> Any:
+    """Write each section.key=value into a mapping (plain dict or ruamel's, which keeps comments) in place."""
     if preset is not None:
-        out["preset"] = preset
+        tree["preset"] = preset
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
+        node = tree
         for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
                 raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
-            node = node.setdefault(part, {})
+            node = node[part]
         node[parts[-1]] = value
-    return out
+    return tree
+
+
+def apply_overrides(data: dict, overrides: list[str], preset: str | None = None) -> dict:
+    return _set_overrides(copy.deepcopy(data), overrides, preset)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None,
@@ -383,17 +389,7 @@ def write_overrides(path: str | Path, overrides: list[str], preset: str | None =
     ryaml = YAML(typ="rt")
     ryaml.preserve_quotes = True
     before = path.read_text(encoding="utf-8")
-    tree = ryaml.load(before) or {}
-    if preset is not None:
-        tree["preset"] = preset
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = tree
-        for part in parts[:-1]:
-            if part not in node or node[part] is None:
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+    tree = _set_overrides(ryaml.load(before) or {}, overrides, preset)
     buf = io.StringIO()
     ryaml.dump(tree, buf)
     after = buf.getvalue()

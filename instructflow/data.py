@@ -22,13 +22,9 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -641,42 +637,3 @@ def sample_balanced(records: list[dict], budget: int, seed: int,
         if not queues[name]:
             del queues[name]
     return [records[i] for i in sorted(kept)]
-
-
-# ---------------------------------------------------------------------------------------------- writing
-def write_jsonl(path: Path, records: Iterable[dict]) -> int:
-    """Write records as UTF-8 JSON lines (Korean stays readable); returns the count."""
-    count = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    return count
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a prepared JSON lines file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-@contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder next to out_dir that replaces it only if the block succeeds.
-
-    Readers never see a half-written out_dir: on any error the temporary folder is removed and
-    out_dir is left as it was.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,11 @@
 """Process environment for instructflow: offline, no telemetry, embedded services inside the project.
 
-Imported first by every entry point (CLI, flows, stage modules), so no code path reaches the network
-and every tool keeps its state inside the project folder. Values already set by the user win, so a
-worker can point MLflow or Prefect at shared servers (see README, "Beyond one machine").
+Nothing here runs on import. Each entry point calls `setup()` before it imports the libraries that read
+these variables (huggingface_hub reads HF_HUB_OFFLINE when it is imported): the stage package
+(`tasks/__init__.py`, so `python -m tasks.<stage>` under DVC), the Prefect flows (`flows/__init__.py`),
+the CLI and the other applications (`apps/__init__.py`), and the Makefile, which exports the same
+variables for the tools it starts. Values the user already set win, so a worker can point MLflow or
+Prefect at shared servers (README, "Beyond one machine").
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ OFFLINE = {
     "DVC_NO_ANALYTICS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",  # its load reports and save notes are about our own tied/new heads
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "3",
 }
+
+SERVICES = ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "HF_HOME")
+_USER_SET: frozenset[str] | None = None  # service variables the user set before instructflow touched them
 
 
 def project_root() -> Path:
@@ -37,8 +44,11 @@ def project_root() -> Path:
     return here
 
 
-SERVICES = ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "HF_HOME")
-USER_SET = frozenset(k for k in SERVICES if k in os.environ)  # pointed elsewhere by the user: left alone
+def _user_set() -> frozenset[str]:
+    global _USER_SET
+    if _USER_SET is None:
+        _USER_SET = frozenset(k for k in SERVICES if k in os.environ)
+    return _USER_SET
 
 
 def service_env(root: Path) -> dict[str, str]:
@@ -46,11 +56,14 @@ def service_env(root: Path) -> dict[str, str]:
     defaults = {"PREFECT_HOME": str(root / ".prefect"),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                 "HF_HOME": str(root / ".prefect" / "hf-home")}  # never the user's hub cache
-    return {k: (os.environ[k] if k in USER_SET else v) for k, v in defaults.items()}
+    user = _user_set()
+    return {k: (os.environ[k] if k in user else v) for k, v in defaults.items()}
 
 
 def setup(root: Path | None = None) -> Path:
-    """Set the offline / no-telemetry variables and the embedded-default service locations."""
+    """Set the offline / no-telemetry variables and the embedded-default service locations; return the root."""
+    if root is not None:  # chosen explicitly (--root): later setup() calls in this process keep it
+        os.environ["INSTRUCTFLOW_ROOT"] = str(Path(root).resolve())
     root = (root or project_root()).resolve()
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
@@ -58,4 +71,13 @@ def setup(root: Path | None = None) -> Path:
     return root
 
 
-ROOT = setup()
+def main() -> None:
+    """`python -m instructflow.env` (`make env`): print these variables as this process received them."""
+    import json
+
+    print(json.dumps({k: os.environ.get(k) for k in (*OFFLINE, *SERVICES, "MLFLOW_TRACKING_URI")}, indent=2,
+                     sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

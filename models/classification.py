@@ -8,8 +8,6 @@ a LabelMap built from the training file, saved with the model as id2label / labe
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from models.tokenizer import IGNORE_INDEX
+from models.training import to_device
 
 
 def build_decoder(tok: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, num_heads: int,
@@ -45,24 +46,32 @@ def pack(documents: Iterable[Sequence[int]], seq_len: int, bos_id: int, eos_id: 
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
-    """(B, T_max) tensor of variable-length rows, padded right (training) or left (generation)."""
+def pad_batch(rows: Sequence[Sequence[int]], pad_value: int, side: str = "right",
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, T_max) long tensor of variable-length rows, padded right (training, scoring) or left (generation).
+
+    One routine for both sides: training batches, the judge's batches and generation's prompts are padded here,
+    on `device` (built in one piece, not row by row: a GPU gets one copy per batch).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if side == "right":
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        else:
-            out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-    return out
+    fill = [[pad_value] * (width - len(r)) for r in rows]
+    padded = [[*r, *f] if side == "right" else [*f, *r] for r, f in zip(rows, fill)]
+    return torch.tensor(padded, dtype=torch.long, device=device).view(len(rows), width)  # (B, T)
+
+
+def pad_inputs(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """{input_ids, attention_mask}, each (B, T_max): the rows padded on `side`, the mask 1 on real tokens."""
+    return {"input_ids": pad_batch(rows, pad_id, side, device),  # (B, T)
+            "attention_mask": pad_batch([[1] * len(r) for r in rows], 0, side, device)}  # (B, T)
 
 
 def collate_lm(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows of {input_ids, labels} -> right-padded batch; padding is masked out of attention and loss."""
-    ids = pad_batch([r["input_ids"] for r in rows], pad_id)  # (B, T)
-    labels = pad_batch([r["labels"] for r in rows], IGNORE_INDEX)  # (B, T)
-    mask = pad_batch([[1] * len(r["input_ids"]) for r in rows], 0)  # (B, T)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    inputs = pad_inputs([r["input_ids"] for r in rows], pad_id)  # (B, T) each
+    return {**inputs, "labels": pad_batch([r["labels"] for r in rows], IGNORE_INDEX)}  # labels (B, T)
 
 
 def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -72,6 +81,19 @@ def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     extra = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32)
              for k in ("ref_chosen_logps", "ref_rejected_logps") if k in rows[0]}
     return {**batch, **extra}
+
+
+def reward_scores(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Scalar rewards (B,) of a padded batch {input_ids, attention_mask}, in float32, on the model's device.
+
+    The one reward-scoring function (reward training and evaluation, evaluate's judge and pairwise accuracy).
+    A sequence-classification head (AutoModelForSequenceClassification, num_labels=1, pad_token_id set) reads
+    its score at each row's last non-pad token, so right and left padding score alike. The batch is moved to
+    the model's device first.
+    """
+    batch = to_device(batch, model)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, 1)
+    return logits.squeeze(-1).float()  # (B,)
 
 
 def lm_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict, int]:
@@ -85,9 +107,8 @@ def lm_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict, in
 def lm_eval_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
     """Token-weighted mean next-token loss over held-out batches (exp of it is the perplexity)."""
     total, count = 0.0, 0
-    device = next(model.parameters()).device
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, model)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at t
         loss = torch.nn.functional.cross_entropy(

@@ -3,16 +3,23 @@
 Pretraining masks tokens dynamically (a fresh draw every batch) as in BERT, Devlin et al. 2019,
 "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding", section 3.1.
 Fine-tuning puts a classification head on the pooled [CLS] representation, initialised from the
-masked LM's encoder weights. The project tokenizer has no post-processor, so `encode` adds
-[CLS] / [SEP] itself.
+masked LM's encoder weights.
+
+The project tokenizer (artifacts/tokenizer) is shared with the decoder track and adds no special token
+by itself. `encoder_tokenizer` makes the encoder's copy, which frames every input as `[CLS] a [SEP]` or
+`[CLS] a [SEP] b [SEP]` itself; the encoder stages save that copy beside their models, so training,
+`instructflow similarity` / `embed` and a model served through MLflow's transformers pipeline all
+tokenize alike (no train/serve skew).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from tokenizers import processors
 from transformers import (
     AutoModel,
     BertConfig,
@@ -23,6 +30,47 @@ from transformers import (
 )
 
 IGNORE_INDEX = -100  # label value that cross-entropy (and masked_accuracy) skips
+
+# what a model is given: BERT needs the segment ids (0 for `[CLS] a [SEP]`, 1 for `b [SEP]`) to tell a pair apart
+ENCODER_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
+
+
+def encoder_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int) -> PreTrainedTokenizerBase:
+    """A copy of the project tokenizer that frames encoder inputs itself: `[CLS] a [SEP]` / `[CLS] a [SEP] b [SEP]`.
+
+    The shared tokenizer stays as it is: the decoder track places <|bos|> / <|eos|> through the chat
+    code and must never see [CLS] / [SEP]. The copy also returns token_type_ids (0 for `[CLS] a [SEP]`,
+    1 for `b [SEP]`), pads and truncates on the right, and has model_max_length = max_length, the
+    tokens per input (specials included) that `truncation=True` keeps, in `encode` as in a pipeline.
+    Applying it again to its own result changes nothing but max_length.
+    """
+    cls, sep = tokenizer.cls_token, tokenizer.sep_token
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    if None in (cls_id, sep_id, pad_id):
+        raise ValueError(f"tokenizer needs cls, sep and pad tokens; got ids cls={cls_id} sep={sep_id} pad={pad_id}")
+    if max_length < 3:
+        raise ValueError(f"max_length {max_length} leaves no token of text between [CLS] and [SEP]")
+    framed = copy.deepcopy(tokenizer)  # the caller's tokenizer (the decoder's) keeps its behaviour
+    framed.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)],
+    )
+    framed.model_input_names = list(ENCODER_INPUT_NAMES)
+    framed.init_kwargs["model_input_names"] = list(ENCODER_INPUT_NAMES)  # saved in tokenizer_config.json
+    framed.padding_side = framed.truncation_side = "right"
+    framed.model_max_length = max_length
+    return framed
+
+
+def frames_encoder_inputs(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer adds exactly [CLS] / [SEP] around a text and a pair by itself (see encoder_tokenizer)."""
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if None in (cls_id, sep_id):
+        return False
+    a, b = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("a", "b"))
+    return (tokenizer("a")["input_ids"] == [cls_id, *a, sep_id]
+            and tokenizer("a", "b")["input_ids"] == [cls_id, *a, sep_id, *b, sep_id])
 
 
 def build_encoder(
@@ -50,16 +98,6 @@ def build_encoder(
     return BertForMaskedLM(config)
 
 
-def _truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-    """Longest-first truncation: drop one token at a time from the longer text (A on ties)."""
-    while len_a + len_b > budget:
-        if len_a >= len_b:
-            len_a -= 1
-        else:
-            len_b -= 1
-    return len_a, len_b
-
-
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -68,44 +106,34 @@ def encode(
 ) -> dict[str, torch.Tensor]:
     """Tokenise into `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, right-padded to the longest row.
 
-    The texts are truncated, never the special tokens, so every row keeps its [CLS] and [SEP]s.
-    Returns input_ids, token_type_ids (0 for [CLS] a [SEP], 1 for b [SEP]) and attention_mask,
-    each a long tensor of shape (B, T) with T <= max_length.
+    The tokenizer must be an `encoder_tokenizer`: it adds the specials itself, exactly as it does when
+    the model is served through a transformers pipeline. The texts are truncated, never the specials
+    (max_length counts them): a text alone keeps its first tokens; a pair gives way longest first, the
+    longer text shrinking to the shorter one's length, then the two sharing what is left (the longer
+    text taking an odd token). Returns input_ids, token_type_ids (0 for [CLS] a [SEP], 1 for b [SEP])
+    and attention_mask, each a long tensor of shape (B, T) with T <= max_length.
     """
-    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    if None in (cls_id, sep_id, pad_id):
-        raise ValueError(f"tokenizer needs cls, sep and pad tokens; got ids cls={cls_id} sep={sep_id} pad={pad_id}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer needs a pad token to batch texts of different lengths")
+    if not frames_encoder_inputs(tokenizer):
+        raise ValueError(f"tokenizer does not add [CLS] / [SEP] itself (it gives {tokenizer('a', 'b')['input_ids']} "
+                         "for the pair 'a', 'b'); make it with models.encoder.encoder_tokenizer")
     if text_pairs is not None and len(text_pairs) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(text_pairs)} text_pairs")
     n_specials = 2 if text_pairs is None else 3
-    budget = max_length - n_specials
-    if budget < 0:
+    if max_length < n_specials:
         raise ValueError(f"max_length {max_length} is shorter than the {n_specials} special tokens it must hold")
-
-    ids_a = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    ids_b = tokenizer(list(text_pairs), add_special_tokens=False)["input_ids"] if text_pairs is not None else None
-
-    rows, segments = [], []
-    for i, a in enumerate(ids_a):
-        if ids_b is None:
-            a = a[:budget]
-            rows.append([cls_id, *a, sep_id])
-            segments.append([0] * len(rows[-1]))
-        else:
-            len_a, len_b = _truncate_pair(len(a), len(ids_b[i]), budget)
-            b = ids_b[i][:len_b]
-            rows.append([cls_id, *a[:len_a], sep_id, *b, sep_id])
-            segments.append([0] * (len_a + 2) + [1] * (len_b + 1))
-
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    token_type_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, (row, segment) in enumerate(zip(rows, segments)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        token_type_ids[i, : len(row)] = torch.tensor(segment)
-        attention_mask[i, : len(row)] = 1
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+    batch = tokenizer(
+        list(texts),
+        list(text_pairs) if text_pairs is not None else None,
+        truncation="longest_first",
+        max_length=max_length,
+        padding="longest",
+        return_token_type_ids=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return {key: batch[key].long() for key in ENCODER_INPUT_NAMES}  # (B, T) each
 
 
 def mask_tokens(

@@ -8,6 +8,9 @@ padded row computes what it would compute alone.
 transformers 5.x names the KV cache argument `cache` (`past_key_values` is a deprecated
 alias) and takes no `cache_position`: the mask offsets come from the cache's own length,
 and position_ids only feed the rotary embedding.
+
+Every tensor is made on the model's device (`model_device`), so generation and scoring run
+wherever the model was put: on a GPU nothing is built on the CPU but the final id lists.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from models.decoder import pad_batch, pad_inputs
 from models.losses import sequence_logprobs
+from models.tokenizer import IGNORE_INDEX
+from models.training import model_device
 
 
 def sample_next(
@@ -74,16 +80,14 @@ def _as_lists(input_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[in
     return prompts
 
 
-def _left_pad(
-    rows: list[list[int]], pad_token_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids), each (B, T), pads on the left."""
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_token_id] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)  # (B, T)
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)  # (B, T)
+def _left_padded(rows: list[list[int]], pad_token_id: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (B, T) on `device`: `pad_inputs` on the left, plus positions."""
+    batch = pad_inputs(rows, pad_token_id, "left", device)
+    mask = batch["attention_mask"]  # (B, T)
     # position of a real token = how many real tokens precede it; pads get 0 (masked anyway)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T)
-    return ids, mask, positions
+    return batch["input_ids"], mask, positions
 
 
 def generate(
@@ -110,7 +114,7 @@ def generate(
     prompts = _as_lists(input_ids)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    device = next(model.parameters()).device
+    device = model_device(model)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
@@ -120,7 +124,7 @@ def generate(
     model.eval()
     try:
         with torch.no_grad():
-            ids, mask, positions = _left_pad(prompts, pad_token_id, device)  # (B, T) each
+            ids, mask, positions = _left_padded(prompts, pad_token_id, device)  # (B, T) each
             B = ids.size(0)
             cache = DynamicCache(config=model.config) if use_cache else None
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
@@ -174,7 +178,7 @@ def sequence_logprobs_of(
     completions = [list(map(int, c)) for c in completion_ids]
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     was_training = model.training
     model.eval()
@@ -183,14 +187,11 @@ def sequence_logprobs_of(
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 pairs = list(zip(prompts[start : start + batch_size], completions[start : start + batch_size]))
-                rows = [p + c for p, c in pairs]
-                ids, mask, positions = _left_pad(rows, 0, device)  # (b, T) each
-                T = ids.size(1)
+                ids, mask, positions = _left_padded([p + c for p, c in pairs], 0, device)  # (b, T) each
                 # score only the completion: label = id on completion tokens, -100 on pads and prompt
-                labels = torch.full_like(ids, -100)  # (b, T)
-                for i, (_, c) in enumerate(pairs):
-                    if c:
-                        labels[i, T - len(c) :] = torch.tensor(c, device=device)
+                labels = pad_batch(
+                    [[IGNORE_INDEX] * len(p) + c for p, c in pairs], IGNORE_INDEX, "left", device
+                )  # (b, T)  aligned with ids: both are left-padded to the same width
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
                 sum_logps, _ = sequence_logprobs(logits, labels)  # (b,)
                 scores.extend(sum_logps.tolist())

@@ -3,6 +3,10 @@
 A stage supplies a `step_fn(model, batch) -> (loss, metrics, n_tokens)`; the loop knows nothing about
 what is being learned. Accelerate runs it on one CPU, one GPU, or under `accelerate launch` on several
 GPUs (DDP/FSDP) unchanged.
+
+Device placement lives here too: `pick_device` is the one choice of where models run (train() hands it to
+Accelerate; the stages that run a model outside train(), evaluate and align's frozen reference, move the
+model there with `for_inference`), and `to_device` moves a batch to its model.
 """
 
 from __future__ import annotations
@@ -49,6 +53,35 @@ class LoopSettings:
         return cls(**{**fields, "seed": seed, **extra})
 
 
+def pick_device() -> torch.device:
+    """Where this process runs its models: the GPU when there is one, else the CPU.
+
+    train() gives Accelerate the same answer, so a model evaluated or used as a frozen reference runs where it
+    would have trained (under `accelerate launch`, "cuda" is the process's own GPU).
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters live on: where its inputs must be."""
+    return next(model.parameters()).device
+
+
+def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is run, not trained (evaluate's models, align's frozen reference): on pick_device(), eval mode."""
+    return model.to(pick_device()).eval()
+
+
+def to_device(batch: dict, where: torch.nn.Module | torch.device) -> dict:
+    """A batch with its tensors on `where`: a device, or a model's device (other values pass through).
+
+    Batches are collated on the CPU; every model call moves them here first, so no input stays behind on the CPU
+    when the model is on a GPU. A tensor already there is not copied.
+    """
+    device = where if isinstance(where, torch.device) else model_device(where)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def use_bf16(setting: bool | str) -> bool:
     """auto: bf16 where the hardware does it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
     if setting != "auto":
@@ -67,14 +100,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Accelerator,
-                  lengths: Sequence[int] | None = None) -> list[list[int]]:
-    """This process's batches of one epoch: a shuffle seeded by (seed, epoch), so any epoch can be rebuilt.
+def planned_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 1,
+                    lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Every process's batches of one epoch, interleaved (process k takes every world-th from the k-th on).
 
-    With `lengths`, rows of similar length share a batch (sorted within windows of 50 batches, then the
-    batches shuffled, as Hugging Face's LengthGroupedSampler does): far less padding for chat data.
-    The last short batch is dropped when there is a full one; under several processes (DDP) each takes
-    every world-size-th batch, all the same number.
+    A shuffle seeded by (seed, epoch), so any epoch can be rebuilt. With `lengths`, rows of similar length
+    share a batch (sorted within windows of 50 batches, then the batches shuffled, as Hugging Face's
+    LengthGroupedSampler does): far less padding for chat data. The last short batch is dropped when there
+    is a full one; the count is cut to a multiple of the world size, so every process gets as many.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
@@ -86,9 +119,29 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Acceler
         batches.pop()
     if lengths is not None:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    world = accel.num_processes
     usable = max(len(batches) // world, 1) * world
-    return batches[:usable][accel.process_index::world]
+    return batches[:usable]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Accelerator,
+                  lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """This process's batches of one epoch (see planned_batches)."""
+    world = accel.num_processes
+    return planned_batches(n, batch_size, seed, epoch, world, lengths)[accel.process_index::world]
+
+
+def rows_trained(n: int, settings: "LoopSettings", lengths: Sequence[int] | None = None, world: int = 1) -> list[int]:
+    """The rows `train` will draw in settings.max_steps steps, over all processes, sorted.
+
+    For work done once per row before training (align's reference log-probs): only these rows need it.
+    """
+    remaining, epoch, seen = settings.max_steps * settings.grad_accum, 0, set()
+    while remaining > 0:
+        batches = planned_batches(n, settings.batch_size, settings.seed, epoch, world, lengths)
+        take = min(remaining, len(batches) // world)  # micro-batches per process this epoch
+        seen.update(i for batch in batches[: take * world] for i in batch)
+        remaining, epoch = remaining - take, epoch + 1
+    return sorted(seen)
 
 
 def _latest_checkpoint(folder: Path, key: str) -> Path | None:
@@ -120,7 +173,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accel = Accelerator(mixed_precision="bf16" if use_bf16(settings.bf16) else "no",
-                        cpu=not torch.cuda.is_available(), gradient_accumulation_steps=settings.grad_accum)
+                        cpu=pick_device().type == "cpu", gradient_accumulation_steps=settings.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     warmup = int(settings.warmup_ratio * settings.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.max_steps)
@@ -144,8 +197,8 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     epoch, skip = divmod(step * settings.grad_accum, per_epoch)
     while step < settings.max_steps:
         for index in epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch, accel, lengths)[skip:]:
-            batch = {k: v.to(accel.device) if isinstance(v, torch.Tensor) else v
-                     for k, v in collate([dataset[i] for i in index]).items()}
+            # accel.device, not the model's: under FSDP with CPU offload the parameters are not where the batch goes
+            batch = to_device(collate([dataset[i] for i in index]), accel.device)
             with accel.accumulate(model):
                 loss, metrics, n_tokens = step_fn(model, batch)
                 if not torch.isfinite(loss):
@@ -201,12 +254,6 @@ def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str) -> N
     tmp.rename(target)  # a crash mid-save never leaves a checkpoint that looks complete
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def to_device(batch: dict, model: torch.nn.Module) -> dict:
-    """Move a batch's tensors to the model's device (evaluation runs outside Accelerate's loader)."""
-    device = next(model.parameters()).device
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def perplexity(mean_loss: float) -> float:

@@ -1,3 +1,9 @@
-"""One module per pipeline stage; each runs as `python -m tasks.<stage>` (the DVC stage command)."""
+"""One module per pipeline stage; each runs as `python -m tasks.<stage>` (the DVC stage command).
 
-import instructflow  # noqa: F401  (offline / no-telemetry environment before anything else loads)
+The environment (offline, no telemetry, the project's own services) is set here, before any stage module
+imports a library that reads it.
+"""
+
+from instructflow import env
+
+env.setup()

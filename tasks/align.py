@@ -12,15 +12,14 @@ from pathlib import Path
 
 import torch
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
-from instructflow.stage import atomic_dir, final_metrics, read_prepared, run_stage, save_history, write_run_info
-from instructflow.tracking import StageRun
 from models.decoder import collate_pairs
 from models.losses import dpo_loss, sequence_logprobs
 from models.tokenizer import load_tokenizer
-from models.training import LoopSettings, to_device, train
+from models.training import LoopSettings, for_inference, rows_trained, to_device, train
 from tasks.reward import pair_lengths, preference_set
+from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
 
@@ -36,12 +35,13 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 @torch.no_grad()
 def add_reference_logps(ref_model, pairs: list[dict], collate, batch_size: int) -> list[dict]:
+    """The pairs with the frozen reference's summed response log-probs added, computed on the reference's device."""
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        chosen, rejected, _, _ = pair_logps(ref_model, collate(chunk))
-        out += [{**p, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
-                for p, c, r in zip(chunk, chosen, rejected)]
+        chosen, rejected, _, _ = pair_logps(ref_model, to_device(collate(chunk), ref_model))  # (b,), (b,)
+        out += [{**p, "ref_chosen_logps": c, "ref_rejected_logps": r}
+                for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]  # one copy back per batch
     return out
 
 
@@ -68,13 +68,20 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
     train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train")
     eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval")
-    reference = AutoModelForCausalLM.from_pretrained(source).eval()
-    train_set = add_reference_logps(reference, train_set, collate, cfg.batch_size * 2)
+    settings = LoopSettings.from_config(cfg, params.seed)
+    lengths = pair_lengths(train_set)
+    # the frozen reference's log-probs, once, for the pairs training will draw in max_steps steps and for every
+    # held-out pair; a pair never drawn keeps no reference value (its collate would fail loudly, not silently)
+    used = rows_trained(len(train_set), settings, lengths)
+    reference = for_inference(AutoModelForCausalLM.from_pretrained(source))  # where train() will put the policy
+    for i, row in zip(used, add_reference_logps(reference, [train_set[i] for i in used], collate,
+                                                 cfg.batch_size * 2)):
+        train_set[i] = row
     eval_set = add_reference_logps(reference, eval_set, collate, cfg.batch_size * 2)
     del reference
     policy = AutoModelForCausalLM.from_pretrained(source)
-    log.info("%s (%s loss, beta %g): %d train / %d eval pairs", cfg.algorithm, cfg.loss_type, cfg.beta,
-             len(train_set), len(eval_set))
+    log.info("%s (%s loss, beta %g): %d train pairs, %d of them drawn in %d steps / %d eval pairs", cfg.algorithm,
+             cfg.loss_type, cfg.beta, len(train_set), len(used), cfg.max_steps, len(eval_set))
     step = make_step(cfg)
     eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
 
@@ -84,16 +91,13 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                 "reward_accuracy": sum(r[1]["reward_accuracy"] for r in rows) / len(rows),
                 "reward_margin": sum(r[1]["reward_margin"] for r in rows) / len(rows)}
 
-    history = train(policy, train_set, collate, step, LoopSettings.from_config(cfg, params.seed),
-                    eval_fn=evaluate, on_log=run.log_step, lengths=pair_lengths(train_set))
-    with atomic_dir(root / "artifacts" / "align") as out:
-        policy.save_pretrained(out)
-        tok.save_pretrained(out)
-        save_history(history, "align", out, run)
-        write_run_info(out, "align", run, params, algorithm=cfg.algorithm, loss_type=cfg.loss_type, beta=cfg.beta)
+    history = train(policy, train_set, collate, step, settings, eval_fn=evaluate, on_log=run.log_step,
+                    lengths=lengths)
+    with stage_output(root, "align", run, model=policy, tokenizer=tok, history=history):
+        pass
     metrics = final_metrics(history, ("loss", "reward_accuracy", "eval_loss", "eval_reward_accuracy",
                                       "eval_reward_margin", "tokens_per_sec"))
-    metrics.update(train_pairs=len(train_set), eval_pairs=len(eval_set))
+    metrics.update(train_pairs=len(train_set), pairs_drawn=len(used), eval_pairs=len(eval_set))
     return metrics
 
 

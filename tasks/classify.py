@@ -5,7 +5,9 @@ sentence pair) and a label column works, named in params.yaml. Every row of both
 before any training (an empty text, a missing label, a test label never seen in training: an error
 naming the file, line and column), and nothing is written unless the whole stage succeeds.
 
-Outputs, in artifacts/classify: the model and tokenizer (id2label / label2id in its config),
+Outputs, in artifacts/classify: the model and tokenizer (id2label / label2id in its config; the
+tokenizer adds [CLS] / [SEP] itself and truncates to classify.max_length, so the classifier served
+through MLflow's text-classification pipeline sees its inputs as the fine-tuning did),
 labels.json, predictions.csv on the test set, evaluation.json (both confusion matrices),
 confusion.png (the encoder) and confusion_baseline.png (TF-IDF + logistic regression).
 """
@@ -22,15 +24,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import DataError, InstructflowError
-from instructflow.stage import atomic_dir, final_metrics, run_stage, save_history, write_run_info
-from instructflow.tracking import StageRun, write_json_atomic
-from models.classification import LabelMap, classification_metrics, plot_confusion, read_classification, tfidf_baseline
-from models.encoder import build_classifier, encode
+from instructflow.io import write_json_atomic
+from models.classification import (
+    LabelMap,
+    classification_metrics,
+    plot_confusion,
+    read_classification,
+    tfidf_baseline,
+)
+from models.encoder import build_classifier, encode, encoder_tokenizer
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, to_device, train
+from tasks.runtime import final_metrics, run_stage, stage_output
+from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
 
@@ -144,11 +152,17 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     source = root / "artifacts" / "mlm"
     if not (source / "config.json").is_file():
         raise InstructflowError(f"{source}: no masked LM to fine-tune; run the mlm stage first")
-    tok = load_tokenizer(source)
     model = build_classifier(source, len(labels), labels.id2label, labels.label2id)
     if cfg.max_length > model.config.max_position_embeddings:
         raise InstructflowError(f"classify.max_length = {cfg.max_length} exceeds the encoder's "
                                 f"max_position_embeddings = {model.config.max_position_embeddings} (mlm.model)")
+    mlm_tok = load_tokenizer(source)
+    if None in (mlm_tok.cls_token_id, mlm_tok.sep_token_id, mlm_tok.pad_token_id):
+        raise InstructflowError(f"{source}: the tokenizer lacks [CLS], [SEP] or padding; "
+                                "rerun the tokenizer and mlm stages")
+    # the masked LM's framing ([CLS] a [SEP], [CLS] a [SEP] b [SEP]), cut at the length fine-tuned on: saved with
+    # the classifier, it is what a served pipeline tokenizes with
+    tok = encoder_tokenizer(mlm_tok, cfg.max_length)
     collate = partial(collate_rows, tok=tok, max_length=cfg.max_length)
     val_batches, test_batches = (batched(rows, collate, cfg.batch_size) for rows in (val_rows, test_rows))
     history = train(model, fit_rows, collate, classify_step, LoopSettings.from_config(cfg, params.seed),
@@ -164,17 +178,13 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
              encoder_scores["accuracy"], encoder_scores["macro_f1"],
              baseline_scores["accuracy"], baseline_scores["macro_f1"])
 
-    with atomic_dir(root / "artifacts" / "classify") as out:
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+    with stage_output(root, "classify", run, model=model, tokenizer=tok, history=history) as out:
         (out / "labels.json").write_text(labels.to_json() + "\n", encoding="utf-8")
         write_predictions(out / "predictions.csv", test_rows, predicted, baseline)
         write_json_atomic(out / "evaluation.json", {"encoder": encoder_scores, "baseline": baseline_scores,
                                                     "test_path": cfg.test_path, "test_rows": len(test_rows)})
         plot_confusion(encoder_scores["confusion_matrix"], labels.labels, out / "confusion.png")
         plot_confusion(baseline_scores["confusion_matrix"], labels.labels, out / "confusion_baseline.png")
-        save_history(history, "classify", out, run)
-        write_run_info(out, "classify", run, params, labels=list(labels.labels))
         for name in ("confusion.png", "confusion_baseline.png", "evaluation.json", "predictions.csv"):
             run.log_artifact(out / name, "evaluation")
 

@@ -15,18 +15,17 @@ from pathlib import Path
 
 import torch
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
-from instructflow.data import write_jsonl
-from instructflow.stage import atomic_dir, read_prepared, run_stage, write_run_info
+from instructflow.io import write_jsonl
 from instructflow.synthetic import exact_match
-from instructflow.tracking import StageRun
-from models.decoder import collate_lm, collate_pairs, lm_eval_loss, pad_batch
+from models.decoder import collate_lm, collate_pairs, lm_eval_loss, pad_inputs, reward_scores
 from models.generate import generate, sequence_logprobs_of
 from models.stats import bootstrap_ci, win_rate
 from models.tokenizer import chat_example, encode_chat, encode_prompt, load_tokenizer
-from models.training import perplexity
-from tasks.reward import preference_set
+from models.training import for_inference, perplexity
+from tasks.reward import preference_set, rewards
+from tasks.runtime import read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
 
@@ -37,7 +36,7 @@ def fit_prompt(ids: list[int], limit: int) -> list[int]:
 
 
 class Judge:
-    """Scores (prompt, response) pairs with the reward model."""
+    """Scores (prompt, response) pairs with the reward model, on the reward model's device."""
 
     def __init__(self, model, tok, max_length: int, batch_size: int):
         self.model, self.tok, self.max_length, self.batch_size = model, tok, max_length, batch_size
@@ -50,11 +49,28 @@ class Judge:
             rows.append(fit_prompt(ids, self.max_length))
         scores = []
         for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i:i + self.batch_size]
-            ids = pad_batch(chunk, self.tok.pad_token_id)  # (b, T)
-            mask = pad_batch([[1] * len(r) for r in chunk], 0)  # (b, T)
-            scores += self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float().tolist()
+            batch = pad_inputs(rows[i:i + self.batch_size], self.tok.pad_token_id)  # (b, T) each
+            scores += reward_scores(self.model, batch).tolist()
         return scores
+
+
+@torch.no_grad()
+def pair_outcomes(reward_model, pairs: list[dict], pad_id: int, batch_size: int) -> list[float]:
+    """Per preference pair: 1.0 where the reward model scores the chosen response above the rejected one, else 0.0."""
+    correct = []
+    for i in range(0, len(pairs), batch_size):
+        chosen, rejected = rewards(reward_model, collate_pairs(pairs[i:i + batch_size], pad_id))  # (b,), (b,)
+        correct += (chosen > rejected).float().tolist()
+    return correct
+
+
+def generate_batched(model, prompts: list[list[int]], batch_size: int, seed: int | None = None,
+                     **sampling) -> list[list[int]]:
+    """`generate` over the prompts batch_size at a time; the batch starting at row i draws with seed + i."""
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        outs += generate(model, prompts[i:i + batch_size], seed=None if seed is None else seed + i, **sampling)
+    return outs
 
 
 def ci(values: list[float], cfg, seed: int) -> dict[str, float]:
@@ -68,13 +84,15 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     cfg = params.evaluate
     art = root / "artifacts"
     tok = load_tokenizer(art / "align")
-    policy = AutoModelForCausalLM.from_pretrained(art / "align").eval()
-    reference = AutoModelForCausalLM.from_pretrained(art / "sft").eval()
-    reward_model = AutoModelForSequenceClassification.from_pretrained(art / "reward").eval()
+    # every model on the device train() would pick; each pass below moves its batches to its model
+    policy = for_inference(AutoModelForCausalLM.from_pretrained(art / "align"))
+    reference = for_inference(AutoModelForCausalLM.from_pretrained(art / "sft"))
+    reward_model = for_inference(AutoModelForSequenceClassification.from_pretrained(art / "reward"))
     max_pos = policy.config.max_position_embeddings
     prompt_limit = max_pos - cfg.max_new_tokens
-    gen = partial(generate, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
+    limits = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    gen = partial(generate, **limits)
+    gen_all = partial(generate_batched, batch_size=cfg.batch_size, **limits)
     decode = partial(tok.decode, skip_special_tokens=True)
     results: dict[str, dict[str, float]] = {}
     flat: dict[str, float] = {}
@@ -92,10 +110,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     prompts = [fit_prompt(encode_prompt(tok, r["messages"][:-1]), prompt_limit) for r in tasks]
     answers = {}
     for name, model in (("policy", policy), ("sft", reference)):
-        outs = []
-        for i in range(0, len(prompts), cfg.batch_size):
-            outs += gen(model, prompts[i:i + cfg.batch_size])
-        answers[name] = [decode(o).strip() for o in outs]
+        answers[name] = [decode(o).strip() for o in gen_all(model, prompts)]
         hits = [float(exact_match(a, r["answer"])) for a, r in zip(answers[name], tasks)]
         results[f"{name}_exact_match"] = ci(hits, cfg, params.seed)
     results["exact_match"] = results["policy_exact_match"]
@@ -103,15 +118,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     # 3. reward model: pairwise accuracy on held-out preference pairs
     pairs = preference_set(tok, read_prepared(root, "preference_eval")[: cfg.max_eval_rows],
                            params.reward.max_length, "preference_eval")
-    correct = []
-    with torch.no_grad():
-        for i in range(0, len(pairs), cfg.batch_size):
-            batch = collate_pairs(pairs[i:i + cfg.batch_size], tok.pad_token_id)
-            scores = reward_model(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
-            chosen, rejected = scores.chunk(2)
-            correct += (chosen > rejected).float().tolist()
-    results["reward_accuracy"] = ci(correct, cfg, params.seed)
+    results["reward_accuracy"] = ci(pair_outcomes(reward_model, pairs, tok.pad_token_id, cfg.batch_size),
+                                    cfg, params.seed)
 
     # 4. real prompts: greedy and sampled generations, and sampled responses scored by the reward model
     real = read_prepared(root, "prompts_eval")
@@ -119,15 +127,14 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     judged = ([r["messages"] for r in real] + pref_prompts)[: cfg.reward_prompts]
     judged_ids = [fit_prompt(encode_prompt(tok, m), prompt_limit) for m in judged]
     repeated = [ids for ids in judged_ids for _ in range(cfg.n_samples)]  # each prompt n_samples times
-    sample = partial(gen, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    sample = partial(gen, **sampling)
     judge = Judge(reward_model, tok, params.reward.max_length, cfg.batch_size)
-    sampled, mean_reward = {}, {}
-    for k, (name, model) in enumerate((("policy", policy), ("sft", reference))):
-        outs = []
-        for i in range(0, len(repeated), cfg.batch_size):
-            outs += sample(model, repeated[i:i + cfg.batch_size], seed=params.seed + 7919 * k + i)
-        sampled[name] = outs
-        texts = [decode(o) for o in outs]
+    mean_reward = {}
+    for name, model in (("policy", policy), ("sft", reference)):
+        # the same random numbers for both models (common random numbers): a policy equal to its reference draws
+        # the same samples and ties, so the win-rate measures the models, not the sampling noise
+        texts = [decode(o) for o in gen_all(model, repeated, seed=params.seed, **sampling)]
         scores = judge([m for m in judged for _ in range(cfg.n_samples)], texts)
         per_prompt = [sum(scores[j:j + cfg.n_samples]) / cfg.n_samples for j in range(0, len(scores), cfg.n_samples)]
         mean_reward[name] = per_prompt
@@ -136,9 +143,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
 
     # 5. KL(policy || reference), Monte Carlo: E_{y ~ pi}[log pi(y|x) - log ref(y|x)]. The expectation is over
     # the policy's own distribution, so these samples are drawn at temperature 1 with no top-k / top-p cut.
-    pure = []
-    for i in range(0, len(repeated), cfg.batch_size):
-        pure += gen(policy, repeated[i:i + cfg.batch_size], temperature=1.0, seed=params.seed + 104729 + i)
+    pure = gen_all(policy, repeated, seed=params.seed + 104729, temperature=1.0)
     lp_policy = sequence_logprobs_of(policy, repeated, pure, cfg.batch_size)
     lp_ref = sequence_logprobs_of(reference, repeated, pure, cfg.batch_size)
     results["kl_to_reference"] = ci([a - b for a, b in zip(lp_policy, lp_ref)], cfg, params.seed)
@@ -158,15 +163,14 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     flat.update(n_exact_match=len(tasks), n_reward_pairs=len(pairs), n_judged_prompts=len(judged))
     report = render_report(params, results, flat, samples, tasks, answers)
 
-    with atomic_dir(root / "reports") as out:
+    with stage_output(root, "evaluate", run) as out:
         (out / "evaluation.md").write_text(report, encoding="utf-8")
         write_jsonl(out / "samples.jsonl", samples)
         with (out / "rewards.csv").open("w", newline="") as fh:  # per-prompt mean rewards: a DVC scatter plot
-            writer = csv.writer(fh)
+            writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["prompt", "policy_reward", "sft_reward"])
             for i, (a, b) in enumerate(zip(mean_reward["policy"], mean_reward["sft"])):
                 writer.writerow([i, round(a, 5), round(b, 5)])
-        write_run_info(out, "evaluate", run, params)
         for name in ("evaluation.md", "samples.jsonl", "rewards.csv"):
             run.log_artifact(out / name, "report")
     return flat

@@ -1,8 +1,10 @@
 """Stage `mlm`: a BERT-style encoder pretrained from scratch with dynamic masking (Devlin et al. 2019).
 
 Each document of the pretraining text becomes `[CLS] chunk [SEP]` sequences of at most `seq_len`
-tokens. Every batch draws a fresh mask (15% of the tokens chosen, 80/10/10 [MASK]/random/kept) in
-the collate, from a seeded generator, so a rerun sees the same masks. The held-out set is masked once
+tokens, framed by the encoder's own tokenizer (`models.encoder.encoder_tokenizer`), which is saved with
+the model so that classify, `instructflow similarity` and a served encoder frame their inputs alike.
+Every batch draws a fresh mask (15% of the tokens chosen, 80/10/10 [MASK]/random/kept) in the collate,
+from a seeded generator, so a rerun sees the same masks. The held-out set is masked once
 with its own seed, so its loss and masked-token accuracy compare across steps and runs.
 
 The vocabulary head runs on the chosen positions only: with the tiny preset it is about as costly as
@@ -17,33 +19,51 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, final_metrics, read_prepared, run_stage, save_history, write_run_info
-from instructflow.tracking import StageRun
-from models.encoder import IGNORE_INDEX, build_encoder, mask_tokens, masked_accuracy
+from models.encoder import (
+    IGNORE_INDEX,
+    build_encoder,
+    encoder_tokenizer,
+    frames_encoder_inputs,
+    mask_tokens,
+    masked_accuracy,
+)
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, to_device, train
+from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
 
 
 def chunk_documents(tok, texts: list[str], seq_len: int) -> list[list[int]]:
-    """`[CLS] chunk [SEP]` id lists of at most seq_len tokens; a long document is cut into equal chunks.
+    """`[CLS] chunk [SEP]` id lists of at most seq_len tokens, in document order; long documents cut in equal chunks.
 
-    Equal chunks (rather than full ones and a remainder) avoid one-token leftovers that carry no loss.
+    Equal chunks (rather than full ones and a remainder) avoid one-token leftovers that carry no loss. `tok`
+    is an encoder tokenizer: it adds [CLS] / [SEP] to each chunk itself (its truncation overflow), and the
+    chunks are cut from the whole document's tokens, so they join back into exactly its ids.
     """
-    body = seq_len - 2
-    sequences = []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        if not ids:
-            continue
-        n_chunks = -(-len(ids) // body)
-        size = -(-len(ids) // n_chunks)
-        for start in range(0, len(ids), size):
-            sequences.append([tok.cls_token_id, *ids[start:start + size], tok.sep_token_id])
-    return sequences
+    if not frames_encoder_inputs(tok):
+        raise ValueError("chunk_documents needs a tokenizer that adds [CLS] / [SEP] itself "
+                         "(models.encoder.encoder_tokenizer)")
+    n_specials = tok.num_special_tokens_to_add(pair=False)
+    body = seq_len - n_specials
+    if body < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no token of text beside the {n_specials} special tokens")
+    by_size: dict[int, list[int]] = {}  # chunk size -> the documents cut into chunks of that size
+    whole = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]  # longer than seq_len: no warning
+    for doc, ids in enumerate(whole):
+        if ids:
+            n_chunks = -(-len(ids) // body)
+            by_size.setdefault(-(-len(ids) // n_chunks), []).append(doc)
+    chunks: dict[int, list[list[int]]] = {}
+    for size, docs in by_size.items():
+        framed = tok([texts[doc] for doc in docs], truncation=True, max_length=size + n_specials,
+                     return_overflowing_tokens=True, return_attention_mask=False)
+        for ids, j in zip(framed["input_ids"], framed["overflow_to_sample_mapping"]):  # a document's chunks in order
+            chunks.setdefault(docs[j], []).append(ids)
+    return [ids for doc in sorted(chunks) for ids in chunks[doc]]
 
 
 class MaskingCollate:
@@ -117,10 +137,13 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     if cfg.seq_len > cfg.model.max_position_embeddings:
         raise InstructflowError(f"mlm.seq_len = {cfg.seq_len} exceeds mlm.model.max_position_embeddings = "
                                 f"{cfg.model.max_position_embeddings}: lower the first or raise the second")
-    tok = load_tokenizer(root / "artifacts" / "tokenizer")
-    if None in (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id):
+    shared = load_tokenizer(root / "artifacts" / "tokenizer")
+    if None in (shared.cls_token_id, shared.sep_token_id, shared.mask_token_id, shared.pad_token_id):
         raise InstructflowError(f"{root / 'artifacts' / 'tokenizer'}: the tokenizer lacks [CLS], [SEP], [MASK] or "
                                 "padding; rerun the tokenizer stage")
+    # the encoder's copy adds [CLS] / [SEP] itself (the shared one, the decoder's, adds nothing); saved with the
+    # model, it cuts served and embedded inputs to the length pretrained on
+    tok = encoder_tokenizer(shared, cfg.seq_len)
     train_set = chunk_documents(tok, [r["text"] for r in read_prepared(root, "pretrain_train")], cfg.seq_len)
     eval_set = chunk_documents(tok, [r["text"] for r in read_prepared(root, "pretrain_eval")], cfg.seq_len)
     if not eval_set:
@@ -140,11 +163,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                     LoopSettings.from_config(cfg, params.seed),
                     eval_fn=lambda m: masked_eval(m, eval_batches), on_log=run.log_step)
 
-    with atomic_dir(root / "artifacts" / "mlm") as out:
-        mlm.save_pretrained(out)
-        tok.save_pretrained(out)
-        save_history(history, "mlm", out, run)
-        write_run_info(out, "mlm", run, params, n_params=n_params)
+    with stage_output(root, "mlm", run, model=mlm, tokenizer=tok, history=history):
+        pass
     metrics = final_metrics(history, ("loss", "masked_accuracy", "eval_loss", "eval_masked_accuracy", "tokens_per_sec"))
     metrics.update(n_params=n_params, train_tokens=train_tokens)
     return metrics

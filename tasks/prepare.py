@@ -13,7 +13,6 @@ path, adds the synthetic tasks, and writes, all or nothing:
 
 from __future__ import annotations
 
-import instructflow  # noqa: F401
 
 import json
 import logging
@@ -25,14 +24,13 @@ from instructflow import synthetic
 from instructflow.data import (
     Loaded,
     Source,
-    atomic_dir,
     dedup,
     load_source,
     sample_balanced,
     shuffled,
     split,
-    write_jsonl,
 )
+from instructflow.io import atomic_dir, write_jsonl
 
 log = logging.getLogger("instructflow")
 
@@ -166,12 +164,24 @@ def _stats(seed: int, loaded: list[Loaded], outputs: dict[str, list[dict]], drop
     }
 
 
-def body(params, root: Path, run) -> dict:
-    from instructflow.stage import write_run_info
+def check_sources_tracked(params, root: Path) -> None:
+    """Every file listed in prepare.sources must be a DVC dep of this stage, or DVC would miss its changes."""
+    import yaml
 
+    from instructflow.errors import ConfigError
+    from instructflow.stages import source_paths
+
+    deps = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get("prepare", {}).get("deps", [])
+    missing = [path for path in source_paths(params) if path not in deps]
+    if missing:
+        raise ConfigError(f"params.yaml: prepare.sources lists {missing}, which dvc.yaml does not track yet; "
+                          "run `instructflow dvc-yaml` (instructflow run and instructflow stage do it for you)")
+
+
+def body(params, root: Path, run) -> dict:
+    check_sources_tracked(params, root)
     out = root / "data" / "prepared"
     stats = build(params.prepare, params.seed, root / "data" / "raw", out)
-    write_run_info(out, "prepare", run, params)
     run.log_json(stats, "data/stats.json")
     metrics = {name.removesuffix(".jsonl"): n for name, n in stats["files"].items()}
     metrics.update({f"pretrain_chars_{part}": n for part, n in stats["pretrain_chars"].items()})
@@ -179,7 +189,7 @@ def body(params, root: Path, run) -> dict:
 
 
 def main() -> None:
-    from instructflow.stage import run_stage
+    from tasks.runtime import run_stage
 
     run_stage("prepare", body)
 

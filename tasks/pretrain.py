@@ -6,11 +6,10 @@ import logging
 import shutil
 from pathlib import Path
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, final_metrics, read_prepared, run_stage, save_history, write_run_info
-from instructflow.tracking import StageRun
+from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 from models.decoder import build_decoder, lm_eval_loss, lm_step, pack
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, perplexity, train
@@ -49,11 +48,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                     eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)},
                     on_log=run.log_step, checkpoint_dir=root / "checkpoints" / "pretrain",
                     resume_key=params.digest() if cfg.resume else None)
-    with atomic_dir(root / "artifacts" / "pretrain") as out:
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        save_history(history, "pretrain", out, run)
-        write_run_info(out, "pretrain", run, params, n_params=n_params)
+    with stage_output(root, "pretrain", run, model=model, tokenizer=tok, history=history):
+        pass
     shutil.rmtree(root / "checkpoints" / "pretrain", ignore_errors=True)  # only a crashed run resumes
     metrics = final_metrics(history, ("loss", "eval_loss", "tokens_per_sec"))
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])

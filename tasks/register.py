@@ -3,7 +3,15 @@ and move `champion` through the promotion gate, all or nothing.
 
 A new version gets the alias `challenger`; it becomes `champion` only when it beats the current champion
 on `register.metric` (its confidence interval included, with `register.use_ci`). If anything fails after
-an alias moved, the registry goes back to where it was (instructflow.registry.registry_transaction).
+an alias moved, the registry goes back to where it was (tasks.registry.registry_transaction).
+
+Same weights, no new version: a model folder whose weights (`weights_sha256`, a hash of its weight files)
+are those of the version a new one would replace -- the `challenger` or the `champion` (the latest
+version when the model has neither alias) -- is not registered again. That existing version goes through
+the gate in its place: `challenger` points at it (it usually does already) and the gate compares its
+recorded metrics with the champion's under today's `register` settings, so a changed gate still applies
+while the weights stand still; on a plain rerun nothing moves. The summary (registry/register.json, the
+stage's metrics `<model>.skipped`) says which models were skipped and why.
 """
 
 from __future__ import annotations
@@ -15,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-import instructflow  # noqa: F401
-from instructflow import registry
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, read_run_info, run_stage
-from instructflow.tracking import StageRun, write_json_atomic
+from instructflow.io import atomic_dir, write_json_atomic
+from tasks import registry
+from tasks.runtime import lineage_path, read_lineage, run_stage
+from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
 
@@ -55,14 +63,20 @@ def data_md5s(root: Path, stages: list[str]) -> dict[str, str]:
     return found
 
 
-def lineage(params: Params, root: Path, made_by: dict[str, Path]) -> dict[str, str]:
+def lineage(params: Params, root: Path, made_by: list[str]) -> dict[str, str]:
+    """Version tags: the commit, the params hash, the data's DVC md5s and the MLflow run of every stage behind it.
+
+    A stage's run id comes from lineage/<stage>.json, written by the run that made its current output. An
+    output restored from DVC's cache in another checkout has no such record here: its tag says so.
+    """
     tags = {"git_commit": git_commit(root), "params_hash": params.digest(), "preset": params.preset,
             **data_md5s(root, ["prepare"])}
-    for stage, folder in made_by.items():
-        run_id = read_run_info(folder).get("mlflow_run_id")
+    for stage in made_by:
+        run_id = read_lineage(root, stage).get("mlflow_run_id")
         if not run_id:
-            raise InstructflowError(f"{folder}/run.json: no MLflow run id for stage '{stage}'; rerun that stage")
-        tags[f"run.{stage}"] = run_id
+            log.warning("%s: no record of the run that made stage '%s' (restored from DVC's cache?)",
+                        lineage_path(root, stage), stage)
+        tags[f"run.{stage}"] = run_id or "unknown"
     return tags
 
 
@@ -70,36 +84,40 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     cfg = params.register
     art = root / "artifacts"
     plan = []  # (model name, folder, transformers task, metrics, gate metric)
-    made_by = {"prepare": root / "data" / "prepared", "tokenizer": art / "tokenizer"}
+    made_by = ["prepare", "tokenizer"]
     if params.tracks.decoder:
         evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
         check_metric(evaluation, cfg.metric, "register.metric", "evaluate")
         reward_metrics = {k: v for k, v in evaluation.items() if k.startswith("reward_accuracy")}
         plan += [(cfg.policy_name, art / "align", "text-generation", evaluation, cfg.metric),
                  (cfg.reward_name, art / "reward", "text-classification", reward_metrics, "reward_accuracy")]
-        made_by.update({s: art / s for s in ("pretrain", "sft", "reward", "align")}, evaluate=root / "reports")
+        made_by += ["pretrain", "sft", "reward", "align", "evaluate"]
     if params.tracks.encoder:
         scores = json.loads((root / "metrics" / "classify.json").read_text())
         scores.update({f"mlm_{k}": v for k, v in json.loads((root / "metrics" / "mlm.json").read_text()).items()})
         check_metric(scores, cfg.classifier_metric, "register.classifier_metric", "classify")
         plan += [(cfg.encoder_name, art / "mlm", "feature-extraction", scores, cfg.classifier_metric),
                  (cfg.classifier_name, art / "classify", "text-classification", scores, cfg.classifier_metric)]
-        made_by.update(mlm=art / "mlm", classify=art / "classify")
+        made_by += ["mlm", "classify"]
     tags = lineage(params, root, made_by)
 
     summary = {}
     with registry.registry_transaction([name for name, *_ in plan]):
         for name, folder, task, metrics, gate_metric in plan:
-            version = registry.log_and_register(name, folder, task, tags, metrics, run_id=run.run_id)
-            decision = registry.promote(name, version.version, gate_metric, cfg.greater_is_better, cfg.use_ci)
-            summary[name] = {"version": int(version.version), "promoted": decision.promote,
-                             "reason": decision.reason, "aliases": registry.aliases(name)}
+            registration = registry.register_unless_same(name, folder, task, tags, metrics, run_id=run.run_id)
+            version = registration.version.version
+            decision = registry.promote(name, version, gate_metric, cfg.greater_is_better, cfg.use_ci)
+            summary[name] = {"version": int(version), "skipped": registration.skipped is not None,
+                             "skip_reason": registration.skipped, "weights_sha256": registration.weights_sha256,
+                             "promoted": decision.promote, "reason": decision.reason, "aliases": registry.aliases(name)}
         # the last step inside the transaction: if writing the record fails, the aliases move back
         with atomic_dir(root / "registry") as out:
             write_json_atomic(out / "register.json", {"models": summary, "lineage": tags})
+    skipped = [name for name, s in summary.items() if s["skipped"]]
+    log.info("register: %d new versions, %d skipped as identical to a registered version%s", len(summary) - len(skipped),
+             len(skipped), f" ({', '.join(skipped)})" if skipped else "")
     run.log_json(summary, "registry/summary.json")
-    return {f"{name}.version": s["version"] for name, s in summary.items()} | \
-        {f"{name}.promoted": int(s["promoted"]) for name, s in summary.items()}
+    return {f"{name}.{key}": int(s[key]) for name, s in summary.items() for key in ("version", "promoted", "skipped")}
 
 
 def check_metric(metrics: dict, key: str, knob: str, stage: str) -> None:

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import torch
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, final_metrics, read_prepared, run_stage, save_history, write_run_info
-from instructflow.tracking import StageRun
-from models.decoder import collate_pairs
+from models.decoder import collate_pairs, reward_scores
 from models.losses import bradley_terry_loss
 from models.tokenizer import load_tokenizer, preference_example
 from models.training import LoopSettings, train
+from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
 
@@ -39,25 +38,24 @@ def pair_lengths(pairs: list[dict]) -> list[int]:
 
 
 def rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scalar rewards of a [chosen..., rejected...] batch, read at each sequence's last real token."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)  # (2B,)
-    return scores.float().chunk(2)  # (B,), (B,)
+    """Scalar rewards of the chosen and the rejected side of a [chosen..., rejected...] batch (collate_pairs)."""
+    return reward_scores(model, batch).chunk(2)  # (B,), (B,)
 
 
 def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
-    chosen, rejected = rewards(model, batch)
+    chosen, rejected = rewards(model, batch)  # (B,), (B,)
     loss = bradley_terry_loss(chosen, rejected)
-    accuracy = float((chosen > rejected).float().mean())
-    return loss, {"accuracy": accuracy, "margin": float((chosen - rejected).mean())}, int(batch["attention_mask"].sum())
+    margin = (chosen - rejected).detach()  # (B,)  for logging only
+    metrics = {"accuracy": float((chosen > rejected).float().mean()), "margin": float(margin.mean())}
+    return loss, metrics, int(batch["attention_mask"].sum())
 
 
 @torch.no_grad()
 def pairwise_eval(model, batches: list[dict]) -> dict[str, float]:
     """Held-out Bradley-Terry loss and pairwise accuracy (share of pairs where chosen scores higher)."""
-    device = next(model.parameters()).device
     correct, total, loss_sum = 0, 0, 0.0
     for batch in batches:
-        chosen, rejected = rewards(model, {k: v.to(device) for k, v in batch.items()})
+        chosen, rejected = rewards(model, batch)  # reward_scores moves the batch to the model
         correct += int((chosen > rejected).sum())
         total += chosen.numel()
         loss_sum += float(bradley_terry_loss(chosen, rejected)) * chosen.numel()
@@ -79,11 +77,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     history = train(model, train_set, collate, reward_step, LoopSettings.from_config(cfg, params.seed),
                     eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step,
                     lengths=pair_lengths(train_set))
-    with atomic_dir(root / "artifacts" / "reward") as out:
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        save_history(history, "reward", out, run)
-        write_run_info(out, "reward", run, params)
+    with stage_output(root, "reward", run, model=model, tokenizer=tok, history=history):
+        pass
     metrics = final_metrics(history, ("loss", "accuracy", "eval_loss", "eval_accuracy", "tokens_per_sec"))
     metrics.update(train_pairs=len(train_set), eval_pairs=len(eval_set))
     return metrics

@@ -6,12 +6,10 @@ import logging
 from functools import partial
 from pathlib import Path
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import (atomic_dir, final_metrics, read_prepared, run_stage, save_history,
-                                write_run_info)
-from instructflow.tracking import StageRun
+from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 from models.decoder import collate_lm, lm_eval_loss, lm_step
 from models.tokenizer import chat_example, load_tokenizer
 from models.training import LoopSettings, perplexity, train
@@ -60,11 +58,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     # held-out synthetic tasks fell from 0.135 to 0.04 (short synthetic rows then share batches only with each other)
     if cfg.method == "lora":
         model = model.merge_and_unload()  # a plain model: registered and loaded like a full fine-tune
-    with atomic_dir(root / "artifacts" / "sft") as out:
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        save_history(history, "sft", out, run)
-        write_run_info(out, "sft", run, params, method=cfg.method, trainable_params=trainable)
+    with stage_output(root, "sft", run, model=model, tokenizer=tok, history=history):
+        pass
     metrics = final_metrics(history, ("loss", "eval_loss", "tokens_per_sec"))
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     metrics["trainable_params"] = trainable

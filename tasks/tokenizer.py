@@ -6,11 +6,10 @@ import logging
 import re
 from pathlib import Path
 
-import instructflow  # noqa: F401
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from instructflow.stage import atomic_dir, read_prepared, run_stage, write_run_info
-from instructflow.tracking import StageRun
+from tasks.runtime import read_prepared, run_stage, stage_output
+from tasks.tracking import StageRun
 from models.tokenizer import train_tokenizer
 
 log = logging.getLogger("instructflow")
@@ -33,9 +32,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         n_tok = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
         return sum(len(t) for t in texts) / max(n_tok, 1)
 
-    with atomic_dir(root / "artifacts" / "tokenizer") as out:
-        tok.save_pretrained(out)
-        write_run_info(out, "tokenizer", run, params)
+    with stage_output(root, "tokenizer", run, tokenizer=tok):
+        pass
     return {"vocab_size": len(tok), "eval_docs_round_trip": len(held_out),
             "chars_per_token_en": round(chars_per_token(english), 4),
             "chars_per_token_ko": round(chars_per_token(korean), 4)}

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from instructflow import env
+
 ROOT = Path(__file__).resolve().parents[1]
+env.setup()  # as every entry point does: offline, no telemetry, before any test imports transformers
 
 
 def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) -> Path:
@@ -34,7 +37,7 @@ def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) 
 
 
 class FakeRun:
-    """Stands in for instructflow.tracking.StageRun when a test calls a stage body without MLflow."""
+    """Stands in for tasks.tracking.StageRun when a test calls a stage body without MLflow."""
 
     run_id = "test-run"
 

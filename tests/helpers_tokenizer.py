@@ -1,8 +1,8 @@
 """A stand-in for the project tokenizer, small enough to train inside a test.
 
 It has the same shape as the one `models/tokenizer.py` builds: byte-level BPE, the chat specials
-and, for encoders, [CLS] / [SEP] / [MASK], with no post-processor (the encoder code adds [CLS] and
-[SEP] itself). Vocabulary about 400: the 256 byte symbols, the specials and ~130 merges.
+and, for encoders, [CLS] / [SEP] / [MASK], with no post-processor (the encoder stages add one through
+`models.encoder.encoder_tokenizer`). Vocabulary about 400: the 256 byte symbols, the specials and ~130 merges.
 """
 
 from __future__ import annotations

@@ -1,24 +1,30 @@
-"""Stage `classify`: a micro fine-tune beside the TF-IDF baseline, its saved labels, bad input that writes nothing."""
+"""Stage `classify`: a micro fine-tune beside the TF-IDF baseline, its saved labels, bad input that writes nothing,
+and the registered classifier, served through MLflow's pipeline, predicting as the stage did."""
 
 from __future__ import annotations
-
-import instructflow  # noqa: F401  (offline environment first)
 
 import csv
 import json
 import math
 
+import mlflow
 import pytest
-from conftest import FakeRun
 import torch
+from conftest import FakeRun
 from helpers_tokenizer import make_test_tokenizer
-from transformers import AutoModelForSequenceClassification, BertForMaskedLM
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForMaskedLM,
+)
 
 import tasks.classify as stage
 from instructflow.config import validate
 from instructflow.errors import DataError, InstructflowError
 from models.classification import LabelMap
-from models.encoder import build_encoder
+from models.encoder import build_encoder, encoder_tokenizer
+from models.tokenizer import load_tokenizer
+from tasks.registry import log_and_register
 
 POSITIVE = ["이 영화 정말 좋아요", "배우들 연기가 최고였어요", "좋아 좋아 정말 좋아", "I really liked this movie",
             "the actors were great", "음식이 맛있어서 또 가고 싶어요"]
@@ -40,7 +46,7 @@ def mlm_folder(tmp_path_factory):
     torch.manual_seed(0)
     build_encoder(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                   max_position_embeddings=128).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    encoder_tokenizer(tok, 64).save_pretrained(folder)  # the mlm stage saves the encoder's framing tokenizer
     return folder
 
 
@@ -93,8 +99,14 @@ def test_stage_reports_encoder_and_baseline_and_saves_the_label_map(project, mlm
     assert sum(map(sum, evaluation["baseline"]["confusion_matrix"])) == 12
     for name in ("confusion.png", "confusion_baseline.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    for name in ("model.safetensors", "tokenizer.json", "history.csv", "run.json"):
+    for name in ("model.safetensors", "tokenizer.json", "history.csv"):
         assert (out / name).is_file(), name
+
+    # the saved tokenizer frames inputs itself and cuts them at classify.max_length, as the fine-tuning did
+    saved_tok = AutoTokenizer.from_pretrained(out)
+    ids = saved_tok("좋아요", add_special_tokens=False)["input_ids"]
+    assert saved_tok("좋아요")["input_ids"] == [saved_tok.cls_token_id, *ids, saved_tok.sep_token_id]
+    assert saved_tok.model_max_length == micro_params().classify.max_length
 
 
 def test_unknown_test_label_names_file_line_column_and_writes_nothing(project):
@@ -166,3 +178,75 @@ def test_without_a_masked_lm_the_stage_says_which_stage_to_run(project):
     (project / "artifacts" / "mlm").unlink()
     with pytest.raises(InstructflowError, match="no masked LM to fine-tune; run the mlm stage first"):
         stage.body(micro_params(), project, FakeRun())
+
+
+# --- the registered classifier, served -------------------------------------------------------------
+
+LONG = "이 영화 정말 좋아요 배우들 연기가 최고였어요 " * 6  # well past classify.max_length = 24 tokens
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A throwaway sqlite tracking store and artifact folder; yields its experiment id."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow.create_experiment("classify-tests", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def stage_probabilities(folder, mlm_folder, rows: list[dict], max_length: int) -> torch.Tensor:
+    """Class probabilities (N, C) the stage's way: its tokenizer (the masked LM's, framed) through `collate_rows`."""
+    tok = encoder_tokenizer(load_tokenizer(mlm_folder), max_length)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = stage.collate_rows([{**row, "label_id": 0} for row in rows], tok, max_length)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (N, C)
+    return logits.softmax(-1)
+
+
+def served_probabilities(pipe, inputs: list, labels: list[str], **kwargs) -> torch.Tensor:
+    """Class probabilities (N, C), in label-id order, from a text-classification pipeline."""
+    outputs = pipe(inputs, top_k=None, **kwargs)  # per input: [{"label", "score"}] for every label
+    return torch.tensor([[{o["label"]: o["score"] for o in row}[label] for label in labels] for row in outputs])
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["text", "text-pair"])
+def test_the_registered_classifier_served_by_mlflow_predicts_as_the_stage(project, mlm_folder, mlflow_store, pair):
+    # given the stage's classifier (inputs cut at 24 tokens; one test text is longer), registered as `register` does
+    test = [(t, "pos") for t in POSITIVE + [LONG]] + [(t, "neg") for t in NEGATIVE]
+    if pair:
+        lines = [json.dumps({"a": a, "b": b, "label": y}, ensure_ascii=False)
+                 for (a, y), (b, _) in zip(test, test[1:] + test[:1])]  # LONG is once text A, once text B
+        (project / "data" / "pairs.jsonl").write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
+        (project / "data" / "pairs_test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        params = micro_params(train_path="data/pairs.jsonl", test_path="data/pairs_test.jsonl", text_column="a",
+                              text_pair_column="b", max_length=24)
+    else:
+        write_tsv(project / "data" / "test.tsv", [(100 + i, text, label) for i, (text, label) in enumerate(test)])
+        params = micro_params(max_length=24)
+    stage.body(params, project, FakeRun())
+    out = project / "artifacts" / "classify"
+    with mlflow.start_run(experiment_id=mlflow_store) as run:
+        version = log_and_register("test-classifier", out, "text-classification", {"params_hash": params.digest()},
+                                   {"macro_f1": 0.5}, run_id=run.info.run_id)
+
+    # when MLflow's pipeline classifies the stage's test rows (truncation=True: cut at the saved max_length)
+    pipe = mlflow.transformers.load_model(f"models:/test-classifier/{version.version}")
+    with (out / "predictions.csv").open(encoding="utf-8") as fh:
+        rows = [{"text": r["text"], "text_pair": r.get("text_pair"), "prediction": r["prediction"]}
+                for r in csv.DictReader(fh)]
+    inputs = [{"text": r["text"], "text_pair": r["text_pair"]} if pair else r["text"] for r in rows]
+    labels = LabelMap.from_json((out / "labels.json").read_text()).labels
+    served = served_probabilities(pipe, inputs, list(labels), truncation=True)
+
+    # then it predicts every row as the stage did, with the stage's very probabilities
+    assert len(rows) == len(test) and LONG in [r["text"] for r in rows]
+    assert [labels[i] for i in served.argmax(-1).tolist()] == [r["prediction"] for r in rows]
+    expected = stage_probabilities(out, mlm_folder, rows, params.classify.max_length)
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+    # and the comparison has teeth: without [CLS] / [SEP] (the skew this guards against) the scores move
+    unframed = served_probabilities(pipe, inputs, list(labels), truncation=True, add_special_tokens=False)
+    assert not torch.allclose(unframed, expected, atol=1e-4)

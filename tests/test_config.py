@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from instructflow.config import STAGES, load_params, write_overrides
+from instructflow.config import load_params, write_overrides
+from instructflow.stages import NAMES as STAGES
 from instructflow.errors import ConfigError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -9,17 +9,15 @@ import pytest
 
 from instructflow.data import (
     Source,
-    atomic_dir,
     dedup,
     load_source,
     parse_hh_transcript,
-    read_jsonl,
     sample_balanced,
     split,
     text_documents,
-    write_jsonl,
 )
 from instructflow.errors import DataError
+from instructflow.io import atomic_dir, read_jsonl, write_jsonl
 
 
 def write(folder: Path, name: str, content: str | bytes) -> Path:

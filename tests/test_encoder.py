@@ -1,4 +1,4 @@
-"""models/encoder.py: input building, BERT masking, the [CLS] classifier and embeddings."""
+"""models/encoder.py: the encoder tokenizer and input building, BERT masking, the [CLS] classifier and embeddings."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from helpers_tokenizer import make_test_tokenizer
+from transformers import AutoTokenizer
 
 from models.encoder import (
     build_classifier,
@@ -14,6 +15,8 @@ from models.encoder import (
     cosine_similarity,
     embed,
     encode,
+    encoder_tokenizer,
+    frames_encoder_inputs,
     mask_tokens,
     masked_accuracy,
     similarity,
@@ -24,12 +27,70 @@ MICRO = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, ma
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_test_tokenizer()
+    """The encoder's tokenizer, as the mlm stage saves it: the shared one, framing its inputs with [CLS] / [SEP]."""
+    return encoder_tokenizer(make_test_tokenizer(), max_length=64)
+
+
+def plain_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def micro_encoder(tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     return build_encoder(len(tokenizer), tokenizer.pad_token_id, **MICRO)
+
+
+# --- the encoder tokenizer ---------------------------------------------------------------------
+
+
+def test_encoder_tokenizer_adds_exactly_cls_and_sep_and_the_pair_form():
+    # given the shared tokenizer, which adds nothing by itself, and the encoder's copy of it
+    shared = make_test_tokenizer()
+    tok = encoder_tokenizer(shared, max_length=64)
+    a, b = plain_ids(shared, "이 영화 정말 좋아요"), plain_ids(shared, "The quick brown fox")
+    cls, sep = shared.cls_token_id, shared.sep_token_id
+
+    # then a text becomes [CLS] a [SEP], a pair [CLS] a [SEP] b [SEP] with segment ids 0 then 1
+    single = tok("이 영화 정말 좋아요")
+    assert single["input_ids"] == [cls, *a, sep]
+    assert single["token_type_ids"] == [0] * (len(a) + 2)
+    pair = tok("이 영화 정말 좋아요", "The quick brown fox")
+    assert pair["input_ids"] == [cls, *a, sep, *b, sep]
+    assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert frames_encoder_inputs(tok) and not frames_encoder_inputs(shared)
+
+
+def test_encoder_tokenizer_leaves_the_shared_tokenizer_as_it_was():
+    shared = make_test_tokenizer()
+    before = shared("hello", "there")["input_ids"], shared.model_max_length, list(shared.model_input_names)
+
+    encoder_tokenizer(shared, max_length=64)
+
+    assert (shared("hello", "there")["input_ids"], shared.model_max_length, shared.model_input_names) == before
+    assert shared("hello")["input_ids"] == plain_ids(shared, "hello")  # still no specials: the decoder's view
+
+
+def test_encoder_tokenizer_survives_save_and_auto_load_as_a_pipeline_loads_it(tmp_path):
+    tok = encoder_tokenizer(make_test_tokenizer(), max_length=16)
+    tok.save_pretrained(tmp_path)
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path)  # what tasks.registry logs and MLflow's pipeline uses
+
+    long_text = "The quick brown fox jumps over the lazy dog. " * 3
+    assert loaded("좋아", "싫어") == tok("좋아", "싫어")  # token_type_ids included
+    assert loaded.model_max_length == 16
+    cut = loaded(long_text, truncation=True)["input_ids"]  # truncation=True cuts to the saved length, specials kept
+    assert len(cut) == 16 and cut[0] == tok.cls_token_id and cut[-1] == tok.sep_token_id
+    assert encoder_tokenizer(loaded, 16)("좋아", "싫어") == tok("좋아", "싫어")  # applying it again changes nothing
+
+
+def test_encoder_tokenizer_needs_cls_sep_pad_and_room_for_text():
+    bare = make_test_tokenizer()
+    bare.cls_token = None
+    with pytest.raises(ValueError, match="needs cls, sep and pad tokens; got ids cls=None"):
+        encoder_tokenizer(bare, 64)
+    with pytest.raises(ValueError, match="max_length 2 leaves no token of text"):
+        encoder_tokenizer(make_test_tokenizer(), 2)
 
 
 # --- encode -------------------------------------------------------------------------------------
@@ -38,7 +99,7 @@ def micro_encoder(tokenizer, seed: int = 0):
 def test_encode_single_adds_cls_sep_and_right_pads(tokenizer):
     # given two texts of different lengths
     texts = ["좋아 정말 좋아요", "hi"]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [plain_ids(tokenizer, t) for t in texts]
 
     # when encoded
     batch = encode(tokenizer, texts, max_length=64)
@@ -51,19 +112,39 @@ def test_encode_single_adds_cls_sep_and_right_pads(tokenizer):
     assert batch["input_ids"][1].tolist() == [cls, *ids[1], sep] + [pad] * (width - len(ids[1]) - 2)
     assert batch["attention_mask"][1].tolist() == [1] * (len(ids[1]) + 2) + [0] * (width - len(ids[1]) - 2)
     assert batch["token_type_ids"].sum() == 0
+    assert all(value.dtype == torch.long for value in batch.values())
 
 
-@pytest.mark.parametrize(("b", "kept_a", "kept_b"), [("이 영화 정말 좋아요", 4, 5), ("좋아요", 6, 3)])
+def test_encode_is_what_the_tokenizer_gives_one_text_at_a_time(tokenizer):
+    # the batch rows are the tokenizer's own framing (as a pipeline sees one input), padding aside
+    texts, pairs = ["좋아 정말 좋아요", "hi"], ["싫어", "The quick brown fox"]
+    batch = encode(tokenizer, texts, pairs, max_length=64)
+    for i, (a, b) in enumerate(zip(texts, pairs)):
+        alone = tokenizer(a, b)
+        n = len(alone["input_ids"])
+        assert batch["input_ids"][i, :n].tolist() == alone["input_ids"]
+        assert batch["token_type_ids"][i, :n].tolist() == alone["token_type_ids"]
+        assert batch["attention_mask"][i].sum() == n
+
+
+def test_encode_single_truncates_the_text_not_the_specials(tokenizer):
+    a = "The quick brown fox jumps over the lazy dog. " * 3
+    batch = encode(tokenizer, [a], max_length=12)
+    assert batch["input_ids"][0].tolist() == [tokenizer.cls_token_id, *plain_ids(tokenizer, a)[:10], tokenizer.sep_token_id]
+
+
+@pytest.mark.parametrize(("b", "kept_a", "kept_b"), [("이 영화 정말 좋아요", 5, 4), ("좋아요", 6, 3)])
 def test_encode_pair_truncates_texts_longest_first_not_specials(tokenizer, b, kept_a, kept_b):
     # given a 60-token text A and a text B of 8 or 3 tokens
     a = "The quick brown fox jumps over the lazy dog. " * 3
-    ids_a, ids_b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, b))
-    assert len(ids_a) == 60
+    ids_a, ids_b = (plain_ids(tokenizer, t) for t in (a, b))
+    assert (len(ids_a), len(ids_b)) == (60, 8 if len(b) > 3 else 3)
 
     # when encoded into 12 positions (9 for text after [CLS] [SEP] [SEP])
     batch = encode(tokenizer, [a], [b], max_length=12)
 
-    # then the longer text gives way one token at a time (A on ties), and both [SEP]s stay
+    # then the longer text gives way: to the 6 positions B leaves it, or, when both must shrink, to an
+    # even share of the 9 (the longer text taking the odd one); both [SEP]s stay
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     assert batch["input_ids"][0].tolist() == [cls, *ids_a[:kept_a], sep, *ids_b[:kept_b], sep]
     assert batch["token_type_ids"][0].tolist() == [0] * (kept_a + 2) + [1] * (kept_b + 1)
@@ -73,6 +154,12 @@ def test_encode_pair_truncates_texts_longest_first_not_specials(tokenizer, b, ke
 def test_encode_rejects_max_length_below_specials(tokenizer):
     with pytest.raises(ValueError, match="max_length 2"):
         encode(tokenizer, ["a"], ["b"], max_length=2)
+
+
+def test_encode_rejects_a_tokenizer_that_does_not_frame_its_inputs():
+    # the shared (decoder) tokenizer adds no [CLS] / [SEP]: encoding with it would train on unframed inputs
+    with pytest.raises(ValueError, match="does not add \\[CLS\\] / \\[SEP\\] itself.*encoder_tokenizer"):
+        encode(make_test_tokenizer(), ["좋아"], max_length=16)
 
 
 # --- mask_tokens (BERT 80/10/10) -----------------------------------------------------------------

@@ -156,3 +156,19 @@ def test_sequence_logprobs_of_matches_a_hand_sum_and_ignores_batch_padding(model
     # log-probs of real tokens: negative and finite; an empty completion scores 0
     assert all(x < 0 for x in batched) and not any(math.isnan(x) for x in batched)
     assert sequence_logprobs_of(model, PROMPTS, [[], [30]])[0] == 0.0
+
+
+# ---- batched generation, as evaluate runs it -----------------------------------------
+
+
+def test_generate_batched_seeds_the_batch_at_row_i_with_seed_plus_i(model):
+    from tasks.evaluate import generate_batched
+
+    prompts = [*PROMPTS, [15, 16]]
+    kwargs = {"max_new_tokens": 5, "eos_token_id": -1, "pad_token_id": PAD}
+    # sampled: batches [0, 1] and [2], drawn with seeds 10 + 0 and 10 + 2
+    sampled = generate_batched(model, prompts, batch_size=2, seed=10, temperature=1.0, **kwargs)
+    assert sampled == (generate(model, prompts[:2], seed=10, temperature=1.0, **kwargs)
+                       + generate(model, prompts[2:], seed=12, temperature=1.0, **kwargs))
+    # greedy: a row's output does not depend on its batch, so batching changes nothing
+    assert generate_batched(model, prompts, batch_size=2, **kwargs) == generate(model, prompts, **kwargs)

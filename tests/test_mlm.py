@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-import instructflow  # noqa: F401  (offline environment first)
-
 import json
 import math
 
 import pytest
-from conftest import FakeRun
 import torch
+from conftest import FakeRun
 from helpers_tokenizer import CORPUS, make_test_tokenizer
-from transformers import BertForMaskedLM
+from transformers import AutoTokenizer, BertForMaskedLM
 
 import tasks.mlm as stage
 from instructflow.config import validate
 from instructflow.errors import InstructflowError
-from models.encoder import IGNORE_INDEX
-from tasks.mlm import ChosenPositionsMLM, MaskingCollate, chunk_documents, masked_lm_loss
+from models.encoder import IGNORE_INDEX, encoder_tokenizer
+from tasks.mlm import (
+    ChosenPositionsMLM,
+    MaskingCollate,
+    chunk_documents,
+    masked_lm_loss,
+)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return make_test_tokenizer()
+    """The encoder's tokenizer at seq_len 32, as the stage makes it: it adds [CLS] / [SEP] itself."""
+    return encoder_tokenizer(make_test_tokenizer(), 32)
 
 
 @pytest.fixture
-def project(tmp_path, tok):
-    """A project folder holding what the mlm stage reads: the tokenizer and the prepared pretraining text."""
-    tok.save_pretrained(tmp_path / "artifacts" / "tokenizer")
+def project(tmp_path):
+    """A project folder holding what the mlm stage reads: the shared tokenizer and the prepared pretraining text."""
+    make_test_tokenizer().save_pretrained(tmp_path / "artifacts" / "tokenizer")
     prepared = tmp_path / "data" / "prepared"
     prepared.mkdir(parents=True)
     docs = [" ".join(CORPUS[i:] + CORPUS[:i]) for i in range(len(CORPUS))]  # ~10 documents of ~150 tokens
@@ -59,6 +63,25 @@ def test_long_documents_become_equal_cls_sep_chunks(tok):
     assert [len(c) - 2 for c in chunks] == [24, 24, 22]
     assert all(c[0] == tok.cls_token_id and c[-1] == tok.sep_token_id for c in chunks)
     assert [i for c in chunks for i in c[1:-1]] == ids
+
+
+def test_chunks_keep_document_order_across_chunk_sizes(tok):
+    # given documents cut into chunks of different sizes (70 tokens: 3 x ~24; short ones: 1 chunk each)
+    long_text = tok.decode(tok(" ".join(CORPUS), add_special_tokens=False)["input_ids"][:70])
+    texts = [CORPUS[0], long_text, CORPUS[4], long_text[:40]]
+
+    chunks = chunk_documents(tok, texts, seq_len=32)
+
+    # then the chunks follow the documents, and each document's chunks join back into its ids
+    whole = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]]
+    assert [i for c in chunks for i in c[1:-1]] == whole
+    assert max(len(c) for c in chunks) <= 32
+
+
+def test_chunking_needs_the_encoder_tokenizer():
+    # the shared tokenizer adds no [CLS] / [SEP]: chunks cut with it would miss them
+    with pytest.raises(ValueError, match="adds \\[CLS\\] / \\[SEP\\] itself"):
+        chunk_documents(make_test_tokenizer(), ["좋아"], seq_len=32)
 
 
 # --- masking --------------------------------------------------------------------------------------
@@ -138,14 +161,21 @@ def test_stage_trains_the_encoder_and_saves_it(project, tok, monkeypatch):
     assert 0 <= metrics["eval_masked_accuracy"] <= 1
     assert [step for step, row in run.steps if "eval_loss" in row] == [3, 6]
     out = project / "artifacts" / "mlm"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "history.csv", "loss.png", "run.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "history.csv", "loss.png"):
         assert (out / name).is_file(), name
     saved = BertForMaskedLM.from_pretrained(out)
     assert saved.num_parameters() == metrics["n_params"]
     moved = [k for k, v in saved.state_dict().items() if k in initial and not torch.equal(v, initial[k])]
     assert "bert.encoder.layer.0.attention.self.query.weight" in moved
     assert "bert.embeddings.word_embeddings.weight" in moved
-    assert json.loads((out / "run.json").read_text())["stage"] == "mlm"
+
+    # and its tokenizer frames inputs as pretraining did, cut at seq_len; the shared one (the decoder's) is untouched
+    saved_tok = AutoTokenizer.from_pretrained(out)
+    ids = saved_tok("좋아", add_special_tokens=False)["input_ids"]
+    assert saved_tok("좋아")["input_ids"] == [saved_tok.cls_token_id, *ids, saved_tok.sep_token_id]
+    assert saved_tok.model_max_length == 32
+    shared = AutoTokenizer.from_pretrained(project / "artifacts" / "tokenizer")
+    assert shared("좋아")["input_ids"] == ids
 
 
 def test_seq_len_beyond_the_position_limit_fails_before_any_work(project):

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import copy_project
@@ -49,8 +50,9 @@ def test_every_stage_ran_and_wrote_its_metrics(project):
     root, first, _ = project
     assert statuses(first) == {s: "ran" for s in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]}
     for stage in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]:
-        metrics = json.loads((root / "metrics" / f"{stage}.json").read_text())
-        assert metrics["wall_time_s"] > 0, stage
+        assert (root / "metrics" / f"{stage}.json").is_file(), stage
+        lineage = json.loads((root / "lineage" / f"{stage}.json").read_text())  # outside DVC's outputs
+        assert lineage["wall_time_s"] > 0 and lineage["mlflow_run_id"], stage
     evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
     for key in ("exact_match", "win_rate", "reward_accuracy", "kl_to_reference", "policy_perplexity"):
         assert evaluation[f"{key}_ci_low"] <= evaluation[key] <= evaluation[f"{key}_ci_high"] if \
@@ -123,3 +125,74 @@ def test_dvc_alone_agrees_that_everything_is_up_to_date(project):
                            check=True, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
     assert "Running stage" not in repro.stdout
     assert "didn't change, skipping" in repro.stdout
+
+
+def dvc(root, *args):
+    """`dvc ARGS` as a user runs it: this venv first on PATH, so a stage's `python` is the project's."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"dvc {' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_no_cached_output_holds_a_run_id_or_a_timing(project):
+    root, _, _ = project
+    lineage = json.loads((root / "lineage" / "sft.json").read_text())
+    for folder in ("data/prepared", "artifacts", "reports"):
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and path.suffix in {".json", ".csv", ".md", ".jsonl"}:
+                text = path.read_text(encoding="utf-8")
+                assert lineage["mlflow_run_id"] not in text and "tokens_per_sec" not in text, path
+
+
+def test_a_file_nobody_lists_in_data_user_reruns_nothing(project):
+    root, _, _ = project
+    (root / "data" / "user" / "notes.tsv").write_text("id\tdocument\tlabel\n1\t좋아요\t1\n", encoding="utf-8")
+    try:
+        assert json.loads(dvc(root, "status", "--json").stdout) == {}
+    finally:
+        (root / "data" / "user" / "notes.tsv").unlink()
+
+
+def test_rerunning_prepare_tokenizer_and_pretrain_writes_the_same_bytes(project):
+    """Forced reruns with the same inputs and seed: DVC then finds every later stage up to date."""
+    root, _, _ = project
+    for stage in ("prepare", "tokenizer", "pretrain"):
+        dvc(root, "repro", "--force", "--single-item", stage)
+        assert json.loads(dvc(root, "status", "--json").stdout) == {}, f"{stage} wrote different outputs"
+    repro = dvc(root, "repro")
+    assert "Running stage" not in repro.stdout
+
+
+def test_a_change_to_exact_match_makes_dvc_rerun_the_stages_that_import_it(project):
+    root, _, _ = project
+    path = root / "instructflow" / "synthetic.py"
+    code = path.read_text()
+    try:
+        path.write_text(code.replace("def exact_match(prediction: str, answer: str) -> bool:",
+                                     "def exact_match(prediction: str, answer: str) -> bool:  # case-sensitive now", 1))
+        assert path.read_text() != code
+        changed = set(json.loads(dvc(root, "status", "--json").stdout))
+        assert {"prepare", "evaluate"} <= changed  # the two stages whose code imports instructflow/synthetic.py
+        dry = dvc(root, "repro", "--dry").stdout
+        assert "Running stage 'evaluate'" in dry
+    finally:
+        path.write_text(code)
+
+
+def test_the_flow_reports_a_stage_restored_from_the_run_cache(project):
+    from flows.stage_task import dvc_repro
+    from instructflow.config import write_overrides
+
+    root, _, _ = project
+    params = (root / "params.yaml").read_text()
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        write_overrides(root / "params.yaml", ["align.beta=0.25"])
+        assert dvc_repro("align", root, None, lambda line: None) == "ran"
+        (root / "params.yaml").write_text(params)  # back to the beta that trained the current champion
+        assert dvc_repro("align", root, None, lambda line: None) == "restored"
+        assert dvc_repro("align", root, None, lambda line: None) == "skipped"
+    finally:
+        (root / "params.yaml").write_text(params)

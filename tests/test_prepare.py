@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from instructflow.data import read_jsonl
+from instructflow.io import read_jsonl
 from instructflow.errors import DataError
 from tasks.prepare import build
 

@@ -1,8 +1,6 @@
-"""instructflow/similarity.py: cosine similarity and file embeddings from a folder or a registered encoder."""
+"""apps/similarity.py: cosine similarity and file embeddings from a folder or a registered encoder."""
 
 from __future__ import annotations
-
-import instructflow  # noqa: F401  (offline environment first)
 
 import json
 
@@ -13,24 +11,33 @@ import torch
 from helpers_tokenizer import make_test_tokenizer
 from mlflow.tracking import MlflowClient
 
+from apps.similarity import (
+    Encoder,
+    embed_file,
+    embed_texts,
+    load_encoder,
+    read_sentences,
+    sentence_similarity,
+)
 from instructflow.errors import DataError, InstructflowError
-from instructflow.registry import log_and_register
-from instructflow.similarity import Encoder, embed_file, embed_texts, load_encoder, read_sentences, sentence_similarity
-from models.encoder import build_encoder
+from models.encoder import build_encoder, encoder_tokenizer
+from tasks.registry import log_and_register
 
 HIDDEN = 32
 
 
+def save_micro_encoder(out, tokenizer):
+    torch.manual_seed(0)
+    build_encoder(len(tokenizer), tokenizer.pad_token_id, hidden_size=HIDDEN, num_layers=2, num_heads=2,
+                  intermediate_size=64, max_position_embeddings=64).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A micro masked LM + tokenizer saved as artifacts/mlm is."""
-    out = tmp_path_factory.mktemp("mlm")
-    tok = make_test_tokenizer()
-    torch.manual_seed(0)
-    build_encoder(len(tok), tok.pad_token_id, hidden_size=HIDDEN, num_layers=2, num_heads=2, intermediate_size=64,
-                  max_position_embeddings=64).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    """A micro masked LM + tokenizer saved as artifacts/mlm is: the encoder tokenizer, framing its inputs."""
+    return save_micro_encoder(tmp_path_factory.mktemp("mlm"), encoder_tokenizer(make_test_tokenizer(), 64))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,27 @@ def test_bad_arguments_are_named(folder, encoder, tmp_path):
         load_encoder(tmp_path)
 
 
+def test_an_encoder_whose_tokenizer_does_not_frame_its_inputs_is_refused(tmp_path):
+    # given an encoder saved with the shared tokenizer (no [CLS] / [SEP] of its own), as older mlm stages did
+    old = save_micro_encoder(tmp_path / "old", make_test_tokenizer())
+
+    # then loading it says why and what to do, rather than embedding sentences unlike the training
+    with pytest.raises(InstructflowError, match=f"{old}: the tokenizer does not add \\[CLS\\] / \\[SEP\\] itself.*"
+                                                "rerun the mlm stage"):
+        load_encoder(old)
+
+
+def test_sentences_are_cut_at_the_length_the_tokenizer_was_saved_with(tmp_path):
+    # given an encoder whose tokenizer was saved with max_length 12 (the pretraining seq_len), positions for 64
+    short = load_encoder(save_micro_encoder(tmp_path / "short", encoder_tokenizer(make_test_tokenizer(), 12)))
+    long_text = "The quick brown fox jumps over the lazy dog. " * 3
+    first_ten = short.tokenizer.decode(short.tokenizer(long_text, add_special_tokens=False)["input_ids"][:10])
+
+    # then a long sentence embeds as its first 10 tokens between [CLS] and [SEP]
+    assert short.max_length == 12
+    np.testing.assert_allclose(embed_texts([long_text], short), embed_texts([first_ten], short), atol=1e-6)
+
+
 def test_a_registered_encoder_loads_from_its_model_uri(folder, encoder, tmp_path, monkeypatch):
     # given the encoder logged and registered as the register stage does it, in a throwaway store
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -87,6 +115,12 @@ def test_a_registered_encoder_loads_from_its_model_uri(folder, encoder, tmp_path
         # then it embeds exactly as the folder does
         texts = ["이 영화 정말 좋아요", "너무 지루하고 재미없어요"]
         np.testing.assert_allclose(embed_texts(texts, registered), embed_texts(texts, encoder), atol=1e-5)
+        # and MLflow's feature-extraction pipeline (the served encoder) sees [CLS] text [SEP], as `embed` does
+        pipe = mlflow.transformers.load_model(f"models:/test-encoder/{version.version}")
+        for text, cls_vector in zip(texts, embed_texts(texts, encoder, pooling="cls")):
+            states = np.array(pipe(text))[0]  # (T, H) last hidden states
+            assert len(states) == len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) + 2
+            np.testing.assert_allclose(states[0], cls_vector, atol=1e-5)
         with pytest.raises(InstructflowError, match="cannot load an encoder from 'models:/test-encoder@nobody'"):
             load_encoder("models:/test-encoder@nobody")
     finally:

@@ -10,7 +10,8 @@ import sys
 from conftest import copy_project
 from typer.testing import CliRunner
 
-from instructflow.cli import app
+from apps.cli import app
+from instructflow.stages import sync_dvc_yaml
 
 
 def run_stage(root, stage):
@@ -29,6 +30,7 @@ def test_prepare_fails_on_a_bad_user_row_and_keeps_the_previous_output(tmp_path)
     params = (root / "params.yaml").read_text().replace(
         "  sources: []", "  sources:\n    - {path: data/user/chats.jsonl, role: sft}")
     (root / "params.yaml").write_text(params)
+    sync_dvc_yaml(root)  # what `instructflow run` / `instructflow stage` do before DVC runs
 
     result = run_stage(root, "prepare")
 
@@ -45,7 +47,8 @@ def test_a_stage_whose_track_is_off_records_it_and_trains_nothing(tmp_path):
     result = run_stage(root, "mlm")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((root / "metrics" / "mlm.json").read_text()) == {"track_chosen": 0}
-    assert [p.name for p in (root / "artifacts" / "mlm").iterdir()] == ["run.json"]
+    assert sorted(p.name for p in (root / "artifacts" / "mlm").iterdir()) == ["history.csv", "track_off.json"]
+    assert (root / "artifacts" / "mlm" / "history.csv").read_text() == "step,loss,eval_loss\n"  # for `dvc plots`
 
 
 def test_run_rejects_a_bad_override_before_any_work(tmp_path):
@@ -77,3 +80,18 @@ def test_lineage_commit_is_dirty_only_when_code_changed(tmp_path):
     assert git_commit(root) == head
     (root / "tasks" / "sft.py").write_text((root / "tasks" / "sft.py").read_text() + "\n# edited\n")
     assert git_commit(root) == head + "-dirty"
+
+
+def test_prepare_refuses_a_listed_source_that_dvc_does_not_track(tmp_path):
+    root = copy_project(tmp_path, "micro")
+    (root / "data" / "user" / "chats.jsonl").write_text('{"prompt": "Say hi", "completion": "hi"}\n')
+    params = (root / "params.yaml").read_text().replace(
+        "  sources: []", "  sources:\n    - {path: data/user/chats.jsonl, role: sft}")
+    (root / "params.yaml").write_text(params)  # edited by hand, dvc.yaml not rendered again
+
+    result = run_stage(root, "prepare")
+
+    assert result.returncode == 2
+    assert "prepare.sources lists ['data/user/chats.jsonl']" in result.stdout and "instructflow dvc-yaml" in result.stdout
+    assert not (root / "data" / "prepared").exists()
+    assert sync_dvc_yaml(root) and "data/user/chats.jsonl" in (root / "dvc.yaml").read_text()

@@ -1,4 +1,5 @@
-"""models/tokenizer.py: exact round trips, the chat template, and the SFT label mask (loss on responses only)."""
+"""models/tokenizer.py: exact round trips, the chat template, the SFT label mask (loss on responses only), and the
+encoder's framing copy of the tokenizer leaving the decoder's alone."""
 
 from __future__ import annotations
 
@@ -7,8 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from models.tokenizer import (IGNORE_INDEX, ROLE_TOKENS, SPECIAL_TOKENS, chat_example, encode_chat, encode_prompt,
-                              encode_response, preference_example, train_tokenizer, truncate_left)
+from models.encoder import encoder_tokenizer
+from models.tokenizer import (
+    IGNORE_INDEX,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    chat_example,
+    encode_chat,
+    encode_prompt,
+    encode_response,
+    load_tokenizer,
+    preference_example,
+    train_tokenizer,
+    truncate_left,
+)
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 
@@ -103,6 +116,33 @@ def test_special_tokens_are_single_ids(tok):
 def test_tokenizer_adds_no_specials_by_itself(tok):
     # the chat code places <|bos|> and <|eos|> itself: plain encoding must not add them
     assert tok("hello")["input_ids"] == ids_of(tok, "hello")
+
+
+# ------------------------------------------------------------------------------------------ the encoder's copy
+def test_the_encoder_copy_frames_its_inputs_and_the_decoder_tokenizer_stays_as_it_was(tok, tmp_path):
+    # given the decoder's view of the trained tokenizer before the encoder's copy is made
+    chat, prompt = encode_chat(tok, MULTI), template_ids(tok, MULTI[:4], add_generation_prompt=True)
+    hello, there = ids_of(tok, "hello"), ids_of(tok, "there")
+
+    # when the encoder's copy is made, and both are saved and loaded as the stages do
+    encoder = encoder_tokenizer(tok, 128)
+    tok.save_pretrained(tmp_path / "tokenizer")
+    encoder.save_pretrained(tmp_path / "mlm")
+    decoders = (tok, load_tokenizer(tmp_path / "tokenizer"))
+    encoders = (encoder, load_tokenizer(tmp_path / "mlm"))
+
+    # then the encoder's adds exactly [CLS] ... [SEP] (and the pair form) ...
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    for framed in encoders:
+        assert framed("hello")["input_ids"] == [cls, *hello, sep]
+        assert framed("hello", "there")["input_ids"] == [cls, *hello, sep, *there, sep]
+    # ... and the decoder's adds nothing, its chat ids and template unchanged
+    for plain in decoders:
+        assert plain("hello")["input_ids"] == hello
+        assert plain("hello", "there")["input_ids"] == hello + there
+        assert encode_chat(plain, MULTI) == chat
+        assert template_ids(plain, MULTI[:4], add_generation_prompt=True) == prompt
+        assert cls not in template_ids(plain, MULTI) and sep not in template_ids(plain, MULTI)
 
 
 # ------------------------------------------------------------------------------------------ the chat template

@@ -13,7 +13,16 @@ import torch
 from helpers_tokenizer import CORPUS, make_test_tokenizer
 
 from instructflow.config import load_params
-from models.decoder import build_decoder, collate_lm, lm_eval_loss, lm_step, pack
+from models.decoder import (
+    build_decoder,
+    collate_lm,
+    lm_eval_loss,
+    lm_step,
+    pack,
+    pad_batch,
+    pad_inputs,
+    reward_scores,
+)
 from models.tokenizer import IGNORE_INDEX
 from models.training import LoopSettings, train
 
@@ -234,6 +243,47 @@ def test_collate_lm_pads_right_and_masks_the_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_pad_batch_pads_right_or_left_to_the_longest_row():
+    rows = [[5, 6, 7], [8], []]
+
+    assert pad_batch(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert pad_batch(rows, -1, side="left").tolist() == [[5, 6, 7], [-1, -1, 8], [-1, -1, -1]]
+    assert pad_batch(rows, 0).dtype == torch.long
+    assert pad_batch([[], []], 0).shape == (2, 0)  # all empty: no columns, still (B, T)
+    with pytest.raises(ValueError, match="'right' or 'left', got 'middle'"):
+        pad_batch(rows, 0, side="middle")
+
+
+def test_pad_inputs_masks_the_pads_on_either_side():
+    right = pad_inputs([[5, 6, 7], [8]], pad_id=0)
+    left = pad_inputs([[5, 6, 7], [8]], pad_id=0, side="left", device="cpu")
+
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_reward_scores_read_each_row_at_its_last_real_token_whatever_the_padding(tok):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = micro_decoder(tok).config
+    config.num_labels = 1
+    model = LlamaForSequenceClassification(config).eval()
+    rows = [[tok.bos_token_id, 40, 41, 42, tok.eos_token_id], [tok.bos_token_id, 50, tok.eos_token_id]]
+
+    with torch.no_grad():
+        alone = [float(model(input_ids=torch.tensor([r])).logits[0, 0]) for r in rows]  # no padding at all
+        right = reward_scores(model, pad_inputs(rows, tok.pad_token_id))
+        left = reward_scores(model, pad_inputs(rows, tok.pad_token_id, side="left"))
+
+    assert right.shape == (2,) and right.dtype == torch.float32
+    assert right.tolist() == pytest.approx(alone, abs=1e-5)
+    assert left.tolist() == pytest.approx(alone, abs=1e-5)
+    assert alone[0] != pytest.approx(alone[1], abs=1e-3)  # two different sequences: two different scores
+
+
 def test_lm_step_counts_non_pad_tokens(tok):
     batch = collate_lm([{"input_ids": [1, 5, 6], "labels": [1, 5, 6]}, {"input_ids": [1], "labels": [1]}], pad_id=0)
 
@@ -302,3 +352,27 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     assert padding(grouped) < padding(plain) / 5
     assert grouped == epoch_batches(400, 8, seed=1, epoch=0, accel=accel, lengths=lengths)  # rebuildable on resume
     assert grouped != epoch_batches(400, 8, seed=1, epoch=1, accel=accel, lengths=lengths)
+
+
+def test_rows_trained_are_exactly_the_rows_the_loop_draws():
+    """align computes reference log-probs only for these rows: the loop must draw no other."""
+    from models.training import LoopSettings, rows_trained, train
+
+    drawn: list[int] = []
+    data = [{"x": torch.tensor([float(i)]), "i": i} for i in range(37)]
+
+    def collate(rows):
+        drawn.extend(r["i"] for r in rows)
+        return {"x": torch.stack([r["x"] for r in rows])}
+
+    def step(model, batch):
+        return (model(batch["x"]) ** 2).mean(), {}, len(batch["x"])
+
+    lengths = [i % 5 for i in range(37)]
+    for max_steps, grad_accum in ((3, 1), (7, 2)):  # inside one epoch; over several (4 batches of 8 per epoch)
+        drawn.clear()
+        settings = LoopSettings(batch_size=8, max_steps=max_steps, lr=1e-3, grad_accum=grad_accum, seed=5,
+                                bf16=False, logging_steps=100)
+        train(torch.nn.Linear(1, 1), data, collate, step, settings, lengths=lengths)
+        assert rows_trained(37, settings, lengths) == sorted(set(drawn))
+        assert len(set(drawn)) < 37 or max_steps * grad_accum >= 4  # a short run leaves rows undrawn

@@ -6,14 +6,17 @@ around it. A version carries, as tags, what made it (`git_commit`, `params_hash`
 `data.<file>.md5`, `run.<stage>`) and how it scored (`metric.<key>`, `metric.<key>.ci_low`,
 `metric.<key>.ci_high`), so the gate and the CLI read everything from the registry itself.
 
+Every version also carries `weights_sha256`, a content hash of its weight files. `register` registers
+a folder only when its weights differ from the version it would replace (`register_unless_same`): a rerun
+that trains byte-identical weights adds no version.
+
 `registry_transaction` makes a registration step all-or-nothing: if anything inside it fails, the
 aliases go back to where they were and the versions made inside are deleted.
 """
 
 from __future__ import annotations
 
-import instructflow  # noqa: F401  (offline / no-telemetry environment first)
-
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -34,6 +37,11 @@ from instructflow.errors import InstructflowError
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+WEIGHTS_TAG = "weights_sha256"
+
+# The files of a Hugging Face folder that hold its weights (save_pretrained: safetensors, or pickled
+# shards, and the index of a sharded save). Config, tokenizer and a stage's by-products are not weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 # Pinned into the logged model's requirements: without an explicit list MLflow infers one that asks
 # for torchvision (DESIGN, "Facts about the stack").
@@ -206,6 +214,26 @@ def _load_components(model_dir: Path, task: str) -> dict:
     }
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """A sha256 over the weight files of a model folder: each file's name, size and bytes, in name order.
+
+    Two folders holding the same weights hash the same wherever and whenever they were written; the
+    config, the tokenizer and what a stage writes beside the model (history.csv, loss.png) do not count.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) \
+        if model_dir.is_dir() else []
+    if not files:
+        raise InstructflowError(f"{model_dir}: no weight files; expected files ending in {', '.join(WEIGHT_SUFFIXES)}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _model_card(model_name: str, task: str, tags: dict[str, str]):
     """A card written from the lineage, so MLflow does not look one up on the Hub."""
     from huggingface_hub import ModelCard
@@ -221,9 +249,11 @@ def log_and_register(
     lineage: dict[str, str],
     metrics: dict[str, float],
     run_id: str | None = None,
+    weights_sha: str | None = None,
 ) -> ModelVersion:
     """Log the model + tokenizer saved in `model_dir` under `run_id` (or the active run) and register
-    it as a new version of `model_name`, tagged with its lineage and metrics.
+    it as a new version of `model_name`, tagged with its lineage, its metrics and `weights_sha256`
+    (`weights_sha`, when the caller has already hashed the folder).
 
     The version is created with its tags in one call, so no version exists without its lineage. It
     loads with `mlflow.transformers.load_model("models:/<name>/<version>")`, serves with
@@ -234,8 +264,8 @@ def log_and_register(
     run_id = run_id or (run.info.run_id if (run := mlflow.active_run()) else None)
     if run_id is None:
         raise InstructflowError(f"registering '{model_name}' needs an MLflow run: pass run_id or start a run first")
-    tags = version_tags(lineage, metrics)
     components = _load_components(model_dir, task)
+    tags = {**version_tags(lineage, metrics), WEIGHTS_TAG: weights_sha or weights_sha256(model_dir)}
     info = mlflow.transformers.log_model(
         transformers_model=components,
         name="model",
@@ -244,11 +274,71 @@ def log_and_register(
         registered_model_name=model_name,
         tags=tags,  # on the LoggedModel and, through registration, on the new version
         model_card=_model_card(model_name, task, tags),
+        # a served encoder cuts inputs at the tokenizer's saved model_max_length, as training did
+        model_config={"truncation": True} if task in {"text-classification", "feature-extraction"} else None,
         run_id=run_id,
     )
     version = with_retries(MlflowClient().get_model_version, model_name, str(info.registered_model_version))
     log.info("registered %s version %s from %s (run %s)", model_name, version.version, model_dir, run_id)
     return version
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The version `register_unless_same` settled on: new, or an existing one with the same weights."""
+
+    version: ModelVersion
+    weights_sha256: str
+    skipped: str | None = None
+    """why no new version was made (the version with the same weights, and its alias); None when one was"""
+
+
+def replaced_versions(model_name: str) -> list[tuple[str, ModelVersion]]:
+    """The versions a new registration of `model_name` would replace, each with the aliases it holds
+    ('challenger', 'champion', 'challenger and champion', or 'latest').
+
+    A new version takes `challenger` and may take `champion`, so those are the versions it would replace;
+    a model with neither alias (moved by hand) has its latest version instead. A model not registered
+    yet has none.
+    """
+    client = MlflowClient()
+    model = _registered_model(client, model_name)
+    if model is None:
+        return []
+    held: dict[int, list[str]] = {}  # version -> the aliases among challenger and champion it holds
+    for alias in (CHALLENGER, CHAMPION):
+        if alias in model.aliases:
+            held.setdefault(int(model.aliases[alias]), []).append(alias)
+    found = {number: " and ".join(names) for number, names in held.items()}
+    if not found:
+        versions = with_retries(client.search_model_versions, f"name = '{model_name}'")
+        found = {max(int(v.version) for v in versions): "latest"} if versions else {}
+    return [(label, with_retries(client.get_model_version, model_name, str(number))) for number, label in found.items()]
+
+
+def register_unless_same(
+    model_name: str,
+    model_dir: Path,
+    task: str,
+    lineage: dict[str, str],
+    metrics: dict[str, float],
+    run_id: str | None = None,
+) -> Registration:
+    """Register `model_dir` as a new version of `model_name` (`log_and_register`) unless its weights are
+    byte-identical to a version it would replace (`replaced_versions`): then no version is made and that
+    version is returned, with the reason.
+
+    A rerun on the same inputs trains the same weights; registering them again would only add a copy
+    that differs from the last one in its number. The match is by `weights_sha256` tag: versions
+    registered before the tag existed never match, so the first run after it registers once more.
+    """
+    sha = weights_sha256(model_dir)
+    for alias, version in replaced_versions(model_name):
+        if version.tags.get(WEIGHTS_TAG) == sha:
+            reason = f"weights identical to version {version.version} ({alias}), weights_sha256 {sha[:12]}"
+            log.info("%s: registration of %s skipped: %s", model_name, model_dir, reason)
+            return Registration(version, sha, reason)
+    return Registration(log_and_register(model_name, model_dir, task, lineage, metrics, run_id, weights_sha=sha), sha)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,35 +15,23 @@ from rich.console import Console
 from rich.table import Table
 
 from instructflow import env
-from instructflow.config import STAGES, load_params
+from instructflow.config import load_params
 from instructflow.errors import InstructflowError
+from instructflow.stages import BY_NAME, NAMES, stage as stage_named, sync_dvc_yaml
 
 app = typer.Typer(help="InstructGPT-style training pipeline: Prefect runs it, DVC versions it, MLflow tracks it.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 
-# the figures the summary table shows for each stage
-KEY_METRICS = {
-    "prepare": ("sft_train", "preference_train", "pretrain_train"),
-    "tokenizer": ("vocab_size", "chars_per_token_en", "chars_per_token_ko"),
-    "pretrain": ("eval_loss", "eval_perplexity", "tokens_per_sec"),
-    "sft": ("eval_loss", "tokens_per_sec"),
-    "reward": ("eval_accuracy", "eval_loss"),
-    "align": ("eval_loss", "eval_reward_accuracy"),
-    "evaluate": ("exact_match", "win_rate", "reward_accuracy", "kl_to_reference"),
-    "mlm": ("eval_loss", "eval_masked_accuracy"),
-    "classify": ("accuracy", "macro_f1", "baseline_macro_f1"),
-    "register": (),
-}
+# the figures the summary table shows for each stage: its key metrics (stage table) and its throughput
+KEY_METRICS = {name: (*s.key_metrics, *(("tokens_per_sec",) if s.plots else ())) for name, s in BY_NAME.items()}
 
 Root = Annotated[Optional[Path], typer.Option(help="project folder (default: the one holding dvc.yaml)")]
 
 
 def _root(root: Path | None) -> Path:
     """The project folder; its embedded services (MLflow store, Prefect home) become this process's."""
-    project = root.resolve() if root else env.ROOT
-    os.environ.update(env.service_env(project))
-    return project
+    return env.setup(root.resolve() if root else None)
 
 
 def _fmt(value) -> str:
@@ -57,8 +45,17 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def stage_figures(root: Path, name: str) -> dict:
+    """A stage's metrics (metrics/<name>.json) with the throughput of the run that made them (lineage/)."""
+    figures = {}
+    for path in (root / "metrics" / f"{name}.json", root / "lineage" / f"{name}.json"):
+        if path.is_file():
+            figures = {**json.loads(path.read_text()), **figures}
+    return figures
+
+
 def registry_table(params) -> Table | None:
-    from instructflow import registry
+    from tasks import registry
 
     names = [params.register.policy_name, params.register.reward_name]
     if params.tracks.encoder:
@@ -124,11 +121,26 @@ def run(
 def stage(name: Annotated[str, typer.Argument(help="stage name, e.g. pretrain")], root: Root = None) -> None:
     """Run one stage through DVC (and any stage before it that is out of date)."""
     project = _root(root)
-    if name not in STAGES:
-        _fail(InstructflowError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}"))
+    try:
+        stage_named(name)
+        load_params(project / "params.yaml")
+        sync_dvc_yaml(project)
+    except InstructflowError as exc:
+        _fail(exc)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     code = subprocess.call([sys.executable, "-m", "dvc", "repro", name], cwd=project, env={**os.environ, "PATH": path})
     raise typer.Exit(code)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml_command(root: Root = None) -> None:
+    """Render dvc.yaml from the stage table (instructflow/stages.py) and prepare.sources in params.yaml."""
+    project = _root(root)
+    try:
+        changed = sync_dvc_yaml(project)
+    except InstructflowError as exc:
+        _fail(exc)
+    console.print(f"{project / 'dvc.yaml'}: {'rewritten' if changed else 'already current'}")
 
 
 @app.command()
@@ -146,9 +158,8 @@ def status(root: Root = None) -> None:
     table = Table(title=f"instructflow status ({params.preset} preset, tracks: {', '.join(t for t, on in params.tracks if on)})")
     for col in ("stage", "state", "key metrics"):
         table.add_column(col)
-    for name in STAGES:
-        metrics_path = project / "metrics" / f"{name}.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    for name in NAMES:
+        metrics = stage_figures(project, name)
         state = "[yellow]changed[/]" if name in changed else ("[green]up to date[/]" if metrics else "[dim]never run[/]")
         if not params.chosen(name):
             state += " [dim](track off)[/]"
@@ -188,7 +199,7 @@ def similarity(
 ) -> None:
     """Cosine similarity of two sentences' embeddings from the registered encoder (encoder track)."""
     _root(root)
-    from instructflow.similarity import sentence_similarity
+    from apps.similarity import sentence_similarity
 
     try:
         console.print(f"{sentence_similarity(first, second, source=source, pooling=pooling):.4f}")
@@ -207,7 +218,7 @@ def embed(
 ) -> None:
     """Write sentence embeddings for a file, from the registered encoder (encoder track)."""
     _root(root)
-    from instructflow.similarity import embed_file
+    from apps.similarity import embed_file
 
     try:
         n = embed_file(input_path, output_path, source=source, pooling=pooling, text_column=text_column)

@@ -7,15 +7,15 @@ A source is a Hugging Face folder (artifacts/mlm, artifacts/classify: the encode
 MLflow model folder, or an MLflow URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
 `runs:/<run>/model`). Load it once with `load_encoder` and pass the result as `source` to avoid
 reloading it on every call.
+
+The tokenizer saved with the encoder adds [CLS] / [SEP] itself (`models.encoder.encoder_tokenizer`), so a
+sentence is embedded here as the encoder was trained on it and as MLflow's pipeline serves it; a source
+whose tokenizer does not (saved before it did) is refused rather than embedded differently.
 """
 
 from __future__ import annotations
 
-import instructflow  # noqa: F401  (offline / no-telemetry environment first)
-
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 
 from instructflow.data import BAD_BYTE, iter_csv, iter_jsonl, read_text
 from instructflow.errors import DataError, InstructflowError
+from instructflow.io import atomic_file, write_jsonl
 
 DEFAULT_SOURCE = "models:/instructflow-encoder@champion"
 POOLINGS = ("mean", "cls")
@@ -41,8 +42,9 @@ class Encoder:
 
     @property
     def max_length(self) -> int:
-        """Tokens per sentence, [CLS] and [SEP] included: the encoder's position limit."""
-        return int(self.model.config.max_position_embeddings)
+        """Tokens per sentence, [CLS] and [SEP] included: the length the tokenizer was saved with (what the
+        encoder was trained on, and what a served pipeline truncates to), within the encoder's position limit."""
+        return int(min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings))
 
 
 def _is_uri(source: str) -> bool:
@@ -79,6 +81,8 @@ def load_encoder(source: str | Path | Encoder = DEFAULT_SOURCE) -> Encoder:
         return source
     import torch
 
+    from models.encoder import frames_encoder_inputs
+
     text = str(source)
     folder = Path(source)
     if _is_uri(text):
@@ -96,6 +100,10 @@ def load_encoder(source: str | Path | Encoder = DEFAULT_SOURCE) -> Encoder:
     if missing:
         raise InstructflowError(f"{text}: the tokenizer has no {', '.join(missing)}; expected the encoder track's "
                                 "tokenizer with [CLS], [SEP] and padding")
+    if not frames_encoder_inputs(tokenizer):
+        raise InstructflowError(f"{text}: the tokenizer does not add [CLS] / [SEP] itself, so it would not embed "
+                                "sentences as the encoder was trained on them (saved by an older mlm stage?); "
+                                "rerun the mlm stage (and register it again)")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return Encoder(model, tokenizer, text)
 
@@ -178,19 +186,6 @@ def read_sentences(path: str | Path, text_column: str | None = None) -> list[str
     return sentences
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, renamed into place: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def embed_file(input_path: str | Path, output_path: str | Path, source: str | Path | Encoder = DEFAULT_SOURCE,
                pooling: str = "mean", text_column: str | None = None) -> int:
     """Embed every sentence of input_path into output_path; returns how many.
@@ -208,12 +203,8 @@ def embed_file(input_path: str | Path, output_path: str | Path, source: str | Pa
     vectors = embed_texts(sentences, source, pooling)  # (N, H)
 
     if output_path.suffix.lower() == ".npy":
-        _write_atomic(output_path, lambda fh: np.save(fh, vectors))
-    else:
-        def write_jsonl(fh) -> None:
-            for sentence, vector in zip(sentences, vectors):
-                record = {"text": sentence, "embedding": vector.tolist()}  # the float32 values, exactly
-                fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-
-        _write_atomic(output_path, write_jsonl)
+        with atomic_file(output_path) as fh:
+            np.save(fh, vectors)
+    else:  # the float32 values, exactly
+        write_jsonl(output_path, ({"text": s, "embedding": v.tolist()} for s, v in zip(sentences, vectors)))
     return len(sentences)

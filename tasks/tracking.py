@@ -7,9 +7,7 @@ Under a bare `dvc repro` each stage gets a top-level run of its own.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,13 +76,3 @@ def stage_run(stage: str, params, root: Path) -> Iterator[StageRun]:
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
         mlflow.log_dict(params.model_dump(mode="json"), "config/params.json")
         yield StageRun(run)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file + rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)

@@ -1,0 +1,192 @@
+"""How the pipeline flow runs one stage: DVC decides, the stage process works, the result is read back.
+
+What a stage task reports comes from DVC's own records, not from its log wording:
+- `skipped`: its entry in dvc.lock is the same before and after `dvc repro`;
+- `ran`: the entry changed and the stage process of this call wrote its lineage (lineage/<stage>.json
+  carries the id of the call, passed in INSTRUCTFLOW_INVOCATION);
+- `restored`: the entry changed but no stage process ran: DVC put the outputs back from its run-cache;
+- `off`: the stage's track is off in params.yaml (its metrics say so).
+
+DVC takes a lock on the whole workspace, so stage tasks that Prefect may run side by side (the decoder
+and encoder tracks) take turns on `dvc repro` here; the graph stays the one the flow states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import yaml
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import StateType
+
+from instructflow import env
+from instructflow.config import load_params, write_overrides
+from instructflow.errors import InstructflowError
+from instructflow.stages import sync_dvc_yaml
+from tasks.runtime import INVOCATION_ENV, read_lineage
+from tasks.tracking import PARENT_ENV, experiment_id
+
+# failures worth a retry: lock contention on DVC's repo lock or on the MLflow sqlite file, never a training error
+TRANSIENT = ("Unable to acquire lock", "is busy, it is being blocked by", "database is locked",
+             "Connection refused", "Connection reset", "timed out")
+# lines DVC prints after every successful repro that ask nothing of a user on one machine
+QUIET = ("Use `dvc push` to send your updates to remote storage.",)
+DVC_LOCK = threading.Lock()
+
+
+class StageFailed(InstructflowError):
+    """A stage's DVC run failed; the message ends with the stage's last log lines."""
+
+
+class TransientStageFailure(StageFailed):
+    """A failure that another attempt may not meet (a lock, a connection)."""
+
+
+def retry_transient_only(task_obj, task_run, state) -> bool:
+    try:
+        state.result()
+    except TransientStageFailure:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def lock_entry(root: Path, stage: str) -> dict | None:
+    """The stage's entry in dvc.lock (its deps, params and outs with their hashes), None if never run."""
+    path = root / "dvc.lock"
+    if not path.is_file():
+        return None
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(stage)
+
+
+def up_to_date(root: Path, stage: str) -> bool:
+    """DVC's own verdict, in this process (no second interpreter): nothing the stage depends on has changed."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return not repo.status(targets=[stage])
+
+
+def track_off(root: Path, stage: str) -> bool:
+    metrics = root / "metrics" / f"{stage}.json"
+    return metrics.is_file() and json.loads(metrics.read_text()).get("track_chosen") == 0
+
+
+def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit) -> str:
+    """Run `dvc repro --single-item <stage>`, stream its output through emit; return ran/skipped/restored/off.
+
+    A stage DVC finds up to date is reported at once, without starting `dvc repro` and the stage's process.
+    """
+    with DVC_LOCK:
+        if up_to_date(root, stage):
+            return "off" if track_off(root, stage) else "skipped"
+        invocation = uuid.uuid4().hex
+        env_vars = {**os.environ, INVOCATION_ENV: invocation,
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # this venv
+        if parent_run_id:
+            env_vars[PARENT_ENV] = parent_run_id
+        before = lock_entry(root, stage)
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
+                                env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line and line not in QUIET:
+                emit(line)
+                tail = (tail + [line])[-25:]
+        code = proc.wait()
+        after = lock_entry(root, stage)
+    if code != 0:
+        text = "\n".join(tail)
+        error = TransientStageFailure if any(t in text for t in TRANSIENT) else StageFailed
+        raise error(f"stage '{stage}' failed (dvc repro exit {code}):\n{text}")
+    if track_off(root, stage):
+        return "off"
+    if before == after:
+        return "skipped"
+    return "ran" if read_lineage(root, stage).get("invocation") == invocation else "restored"
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only, cache_policy=NO_CACHE)
+def run_stage(stage: str, ctx: "PipelineRun") -> dict:
+    """One pipeline stage: its DVC stage, its log streamed into Prefect, its metrics read back."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    status = dvc_repro(stage, ctx.root, ctx.parent_run_id, logger.info)
+    wall = time.perf_counter() - started
+    path = ctx.root / "metrics" / f"{stage}.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    if status == "ran":
+        metrics.update({k: v for k, v in read_lineage(ctx.root, stage).items() if k == "tokens_per_sec"})
+    logger.info("stage %s %s in %.1fs", stage, status, wall)
+    return {"stage": stage, "status": status, "wall_s": round(wall, 1), "metrics": metrics}
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline run: its project folder, params and MLflow parent run; collects the stages' results."""
+
+    root: Path
+    params: object
+    parent_run_id: str | None = None
+    results: list[dict] = field(default_factory=list)
+
+    def collect(self, futures: list) -> list[dict]:
+        """Wait for every stage; record each in the parent run; raise the first failure once all are done."""
+        failures = []
+        for future in futures:
+            future.wait()
+            state = future.state
+            if state.type != StateType.COMPLETED:
+                failures.append((future.task_run_id, state))
+                continue
+            result = future.result()
+            self.results.append(result)
+            mlflow.log_metric(f"{result['stage']}.wall_s", result["wall_s"])
+            mlflow.set_tag(f"stage.{result['stage']}", result["status"])
+            report = self.root / "reports" / "evaluation.md"
+            if result["stage"] == "evaluate" and result["status"] != "off" and report.is_file():
+                create_markdown_artifact(report.read_text(encoding="utf-8"), key="evaluation-report",
+                                         description=f"instructflow evaluation ({self.params.preset} preset)")
+        mlflow.set_tag("ran", ",".join(r["stage"] for r in self.results if r["status"] == "ran") or "none")
+        for _, state in failures:
+            if state.type == StateType.FAILED:  # the stage that failed; those after it never started
+                state.result()  # raises its StageFailed
+        if failures:
+            raise StageFailed(f"stages did not complete: {[s.name for _, s in failures]}")
+        return self.results
+
+
+@contextmanager
+def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> Iterator[PipelineRun]:
+    """Validate params with the overrides (nothing runs on bad input), write them, sync dvc.yaml, open MLflow."""
+    logger = get_run_logger()
+    project = env.setup(Path(root).resolve() if root else None)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage
+    if write_overrides(project / "params.yaml", overrides, preset):
+        logger.info("params.yaml updated: preset=%s %s", params.preset, " ".join(overrides))
+    if sync_dvc_yaml(project):
+        logger.info("dvc.yaml rendered again from the stage table (prepare.sources changed)")
+    logger.info("pipeline: %s (preset %s, tracks: %s)", " -> ".join(params.stages()), params.preset,
+                ", ".join(t for t, on in params.tracks if on))
+    with mlflow.start_run(experiment_id=experiment_id(params.experiment, project), run_name="pipeline",
+                          tags={"instructflow.stage": "pipeline", "instructflow.preset": params.preset,
+                                "instructflow.params_hash": params.digest()}) as parent:
+        mlflow.log_params({"preset": params.preset, "overrides": " ".join(overrides) or "-",
+                           "stages": ",".join(params.stages())})
+        yield PipelineRun(project, params, parent.info.run_id)
