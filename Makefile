@@ -30,7 +30,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-deps -e .  # (setuptools warns about editable installs)
 	touch $(STAMP)
 
 run: $(STAMP)

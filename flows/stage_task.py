@@ -86,13 +86,17 @@ def track_off(root: Path, stage: str) -> bool:
     return metrics.is_file() and json.loads(metrics.read_text()).get("track_chosen") == 0
 
 
-def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit) -> str:
+def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit, timing: dict | None = None) -> str:
     """Run `dvc repro --single-item <stage>`, stream its output through emit; return ran/skipped/restored/off.
 
     A stage DVC finds up to date is reported at once, without starting `dvc repro` and the stage's process.
+    `timing["seconds"]` gets the time the stage held DVC (waiting for the other track's turn is not counted).
     """
+    timing = {} if timing is None else timing
     with DVC_LOCK:
+        started = time.perf_counter()
         if up_to_date(root, stage):
+            timing["seconds"] = time.perf_counter() - started
             return "off" if track_off(root, stage) else "skipped"
         invocation = uuid.uuid4().hex
         env_vars = {**os.environ, INVOCATION_ENV: invocation,
@@ -110,6 +114,7 @@ def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit) -> str:
                 tail = (tail + [line])[-25:]
         code = proc.wait()
         after = lock_entry(root, stage)
+        timing["seconds"] = time.perf_counter() - started
     if code != 0:
         text = "\n".join(tail)
         error = TransientStageFailure if any(t in text for t in TRANSIENT) else StageFailed
@@ -125,9 +130,9 @@ def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit) -> str:
 def run_stage(stage: str, ctx: "PipelineRun") -> dict:
     """One pipeline stage: its DVC stage, its log streamed into Prefect, its metrics read back."""
     logger = get_run_logger()
-    started = time.perf_counter()
-    status = dvc_repro(stage, ctx.root, ctx.parent_run_id, logger.info)
-    wall = time.perf_counter() - started
+    timing: dict[str, float] = {}
+    status = dvc_repro(stage, ctx.root, ctx.parent_run_id, logger.info, timing)
+    wall = timing["seconds"]
     path = ctx.root / "metrics" / f"{stage}.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     if status == "ran":
