@@ -90,6 +90,52 @@ def stage_results(output: str) -> dict[str, tuple[str, float]]:
     return {m.group(1): (m.group(2), float(m.group(3))) for m in STAGE_LINE.finditer(output)}
 
 
+LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) \| \w+ +\| Task run '([\w-]+)' - (.*)$")
+
+
+def overheads(output: str) -> dict[str, dict[str, float]]:
+    """Where each stage's time went, from the Prefect log's timestamps (a stage that ran):
+
+    dvc_start: the stage's turn began -> DVC starts its command (the flow's status check, `dvc repro` start-up
+    and DVC's own check); imports: the command starts -> the stage's first log line (Python, torch,
+    transformers, MLflow imports and the MLflow run); work: the stage's own timer; lock: the stage ends ->
+    the task ends (DVC hashes the outputs and writes dvc.lock).
+    """
+    seen: dict[str, dict[str, float]] = {}
+    for line in output.splitlines():
+        m = LOG_LINE.match(line)
+        if not m:
+            continue
+        h, mi, sec, ms, stage, text = m.groups()
+        t = int(h) * 3600 + int(mi) * 60 + int(sec) + int(ms) / 1000
+        marks = seen.setdefault(stage, {})
+        if text.startswith("> python -m tasks."):
+            marks["cmd"] = t
+        elif f"instructflow: stage {stage}: preset" in text:
+            marks["first"] = t
+        elif work := re.search(rf"instructflow: stage {stage} done in ([\d.]+)s", text):
+            marks["done"], marks["work"] = t, float(work.group(1))
+        elif ran := re.match(rf"stage {stage} ran in ([\d.]+)s", text):
+            marks["end"], marks["wall"] = t, float(ran.group(1))
+    out = {}
+    for stage, m in seen.items():
+        if {"cmd", "first", "done", "end", "wall"} <= set(m):
+            out[stage] = {"dvc_start": m["wall"] - (m["end"] - m["cmd"]), "imports": m["first"] - m["cmd"],
+                          "work": m["work"], "lock": m["end"] - m["done"]}
+    return out
+
+
+def print_overheads(output: str) -> None:
+    rows = overheads(output)
+    if not rows:
+        return
+    print(f"\n{'stage':10} {'dvc start':>9} {'imports':>8} {'work':>8} {'lock':>8}   (seconds; stages that ran)")
+    for stage, r in rows.items():
+        print(f"{stage:10} {r['dvc_start']:9.1f} {r['imports']:8.1f} {r['work']:8.1f} {r['lock']:8.1f}")
+    total = {k: sum(r[k] for r in rows.values()) for k in ("dvc_start", "imports", "work", "lock")}
+    print(f"{'sum':10} {total['dvc_start']:9.1f} {total['imports']:8.1f} {total['work']:8.1f} {total['lock']:8.1f}")
+
+
 def read_metrics(project: Path) -> dict[str, dict]:
     """Each stage's figures: metrics/<stage>.json, with lineage/<stage>.json's timings (wall_time_s, tokens/s)."""
     return {stage: stage_figures(project, stage) for stage in STAGES}
@@ -147,6 +193,7 @@ def main() -> int:
             args.keep = True
             return code
         print_table(stage_results(output), read_metrics(project))
+        print_overheads(output)
         title = TITLE.search(output)
         flow_wall = f", flow {title.group(2)}s" if title else ""
         print(f"\nfirst run: {wall:.1f}s wall for `instructflow run` ({args.preset} preset{flow_wall}; "
