@@ -12,12 +12,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from instructflow import env
 from instructflow.config import load_params
 from instructflow.errors import InstructflowError
 from instructflow.stages import BY_NAME, NAMES, stage as stage_named, sync_dvc_yaml
+from models.stats import Gain, baseline_flags, gains_from_metrics
 
 app = typer.Typer(help="InstructGPT-style training pipeline: Prefect runs it, DVC versions it, MLflow tracks it.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -54,12 +56,40 @@ def stage_figures(root: Path, name: str) -> dict:
     return figures
 
 
+def stage_gains(metrics_files: list[dict]) -> dict[str, list[Gain]]:
+    """Every gain recorded in the stages' metrics (`gain.*` keys, models/stats.py), by the stage it judges: the
+    evaluate stage's metrics judge sft, reward and align; classify's judge mlm and classify."""
+    by_stage: dict[str, list[Gain]] = {}
+    for metrics in metrics_files:
+        for g in gains_from_metrics(metrics):
+            by_stage.setdefault(g.stage, []).append(g)
+    return by_stage
+
+
+def baseline_cell(gains: list[Gain]) -> str:
+    """The summary's `vs baseline` cell: how many of the stage's baselines it beats, red when not all."""
+    if not gains:
+        return ""
+    beaten = sum(g.beats for g in gains)
+    return (f"[green]beats {beaten}/{len(gains)}[/]" if beaten == len(gains)
+            else f"[bold red]beats {beaten}/{len(gains)}[/]")
+
+
+def print_baseline_flags(by_stage: dict[str, list[Gain]]) -> None:
+    """Under a table: a red line per stage that does not beat one of its baselines (or that all of them do)."""
+    flags = baseline_flags([g for gains in by_stage.values() for g in gains])
+    for line in flags:
+        console.print(f"[bold red]{escape(line)}[/]", highlight=False, soft_wrap=True)
+    if by_stage and not flags:
+        console.print(f"[green]every stage measured beats its baselines[/] ({', '.join(by_stage)})")
+
+
 def registry_table(params) -> Table | None:
     from tasks import registry
 
     names = [params.register.policy_name, params.register.reward_name]
     if params.tracks.encoder:
-        names += [params.register.encoder_name, params.register.classifier_name]
+        names += [params.register.encoder_name, params.register.classifier_name, params.register.embedder_name]
     rows = registry.describe(names)
     if not rows:
         return None
@@ -68,7 +98,7 @@ def registry_table(params) -> Table | None:
         table.add_column(col)
     for row in rows:
         metrics = row.get("metrics", {})
-        shown = {k: v for k, v in metrics.items() if k in ("exact_match", "reward_accuracy", "macro_f1", "masked_accuracy")}
+        shown = {k: v for k, v in metrics.items() if k in ("exact_match", "reward_accuracy", "macro_f1", "masked_accuracy", "spearman")}
         table.add_row(row["name"], str(row["version"]), ", ".join(row["aliases"]),
                       " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
     return table
@@ -76,14 +106,17 @@ def registry_table(params) -> Table | None:
 
 def print_summary(results: list[dict], params, root: Path, wall: float) -> None:
     table = Table(title=f"instructflow pipeline ({params.preset} preset) in {wall:.0f}s")
-    for col in ("stage", "status", "wall", "key metrics"):
+    for col in ("stage", "status", "wall", "key metrics", "vs baseline"):
         table.add_column(col)
     colour = {"ran": "green", "skipped": "dim", "restored": "cyan", "off": "dim"}
+    by_stage = stage_gains([r["metrics"] for r in results])
     for r in results:
         figures = " ".join(f"{k}={_fmt(r['metrics'][k])}" for k in KEY_METRICS.get(r["stage"], ())
                            if k in r["metrics"])
-        table.add_row(r["stage"], f"[{colour.get(r['status'], 'red')}]{r['status']}[/]", f"{r['wall_s']:.1f}s", figures)
+        table.add_row(r["stage"], f"[{colour.get(r['status'], 'red')}]{r['status']}[/]", f"{r['wall_s']:.1f}s", figures,
+                      baseline_cell(by_stage.get(r["stage"], [])))
     console.print(table)
+    print_baseline_flags(by_stage)
     reg = registry_table(params)
     if reg is not None:
         console.print(reg)
@@ -92,6 +125,16 @@ def print_summary(results: list[dict], params, root: Path, wall: float) -> None:
                   "  Prefect UI:  make prefect-ui   (http://127.0.0.1:4200)\n"
                   "  DVC:         dvc status; dvc metrics show; dvc plots show\n"
                   f"  Report:      {root / 'reports' / 'evaluation.md'}")
+
+
+def nothing_to_do(project: Path) -> bool:
+    """DVC's verdict on the whole pipeline, in this process: no stage's code, data or params changed."""
+    from dvc.repo import Repo
+
+    if sync_dvc_yaml(project) or not (project / "dvc.lock").is_file():
+        return False
+    with Repo(str(project)) as repo:
+        return not repo.status()
 
 
 @app.command()
@@ -106,9 +149,16 @@ def run(
         params = load_params(project / "params.yaml", set_ or [], preset)  # fail before Prefect starts
     except InstructflowError as exc:
         _fail(exc)
+    started = time.perf_counter()
+    if not set_ and preset in (None, load_params(project / "params.yaml").preset) and nothing_to_do(project):
+        # every stage is up to date: say so from DVC's records, without starting Prefect's server for a no-op
+        results = [{"stage": name, "status": "off" if not params.chosen(name) else "skipped", "wall_s": 0.0,
+                    "metrics": stage_figures(project, name)} for name in NAMES]
+        console.print("Nothing changed since the last run: DVC finds every stage up to date (no flow run started).")
+        print_summary(results, params, project, time.perf_counter() - started)
+        return
     from flows.pipeline import pipeline
 
-    started = time.perf_counter()
     try:
         results = pipeline(preset=preset, overrides=set_ or [], root=str(project))
     except InstructflowError as exc:
@@ -166,6 +216,7 @@ def status(root: Root = None) -> None:
         figures = " ".join(f"{k}={_fmt(metrics[k])}" for k in KEY_METRICS.get(name, ()) if k in metrics)
         table.add_row(name, state, figures)
     console.print(table)
+    print_baseline_flags(stage_gains([stage_figures(project, name) for name in NAMES]))
     reg = registry_table(params)
     console.print(reg if reg is not None else "No registered models yet: run `instructflow run`.")
 
@@ -186,7 +237,8 @@ def serve(
 
 
 Pooling = Annotated[str, typer.Option(help="mean (over the tokens) or cls (the [CLS] vector)")]
-Source = Annotated[str, typer.Option(help="encoder: an MLflow model URI or a folder such as artifacts/mlm")]
+Source = Annotated[str, typer.Option(help="encoder: an MLflow model URI or a folder such as artifacts/similarity")]
+DEFAULT_SOURCE = "models:/instructflow-embedder@champion"  # = apps.similarity.DEFAULT_SOURCE (a test checks)
 
 
 @app.command()
@@ -194,10 +246,10 @@ def similarity(
     first: Annotated[str, typer.Argument(help="a sentence")],
     second: Annotated[str, typer.Argument(help="another sentence")],
     pooling: Pooling = "mean",
-    source: Source = "models:/instructflow-encoder@champion",
+    source: Source = DEFAULT_SOURCE,
     root: Root = None,
 ) -> None:
-    """Cosine similarity of two sentences' embeddings from the registered encoder (encoder track)."""
+    """Cosine similarity of two sentences' embeddings from the registered sentence embedder (encoder track)."""
     _root(root)
     from apps.similarity import sentence_similarity
 
@@ -213,10 +265,10 @@ def embed(
     output_path: Annotated[Path, typer.Argument(help=".jsonl ({text, embedding} a line) or .npy (N x H)")],
     text_column: Annotated[Optional[str], typer.Option(help="the text column of a CSV/TSV/JSONL file")] = None,
     pooling: Pooling = "mean",
-    source: Source = "models:/instructflow-encoder@champion",
+    source: Source = DEFAULT_SOURCE,
     root: Root = None,
 ) -> None:
-    """Write sentence embeddings for a file, from the registered encoder (encoder track)."""
+    """Write sentence embeddings for a file, from the registered sentence embedder (encoder track)."""
     _root(root)
     from apps.similarity import embed_file
 

@@ -1,9 +1,11 @@
 """Sentence similarity and embeddings from a trained encoder: a folder or a registered MLflow model.
 
-    >>> sentence_similarity("이 영화 정말 좋아요", "배우들 연기가 최고였어요", source="artifacts/mlm")
-    >>> embed_file("reviews.txt", "reviews.jsonl", source="models:/instructflow-encoder@champion")
+    >>> sentence_similarity("영화 정말 재밌어요", "이 영화 최고예요")  # the registered sentence embedder
+    >>> embed_file("reviews.txt", "reviews.jsonl", source="artifacts/similarity")
 
-A source is a Hugging Face folder (artifacts/mlm, artifacts/classify: the encoder part of either), an
+The default source is the champion of `instructflow-embedder`, the encoder the `similarity` stage trained so
+that cosines follow meaning (KorSTS). A source is a Hugging Face folder (artifacts/similarity; artifacts/mlm or
+artifacts/classify: the encoder part of either, whose mean-pooled vectors carry little meaning), an
 MLflow model folder, or an MLflow URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
 `runs:/<run>/model`). Load it once with `load_encoder` and pass the result as `source` to avoid
 reloading it on every call.
@@ -26,7 +28,7 @@ from instructflow.data import BAD_BYTE, iter_csv, iter_jsonl, read_text
 from instructflow.errors import DataError, InstructflowError
 from instructflow.io import atomic_file, write_jsonl
 
-DEFAULT_SOURCE = "models:/instructflow-encoder@champion"
+DEFAULT_SOURCE = "models:/instructflow-embedder@champion"
 POOLINGS = ("mean", "cls")
 INPUT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
 OUTPUT_SUFFIXES = (".jsonl", ".npy")
@@ -59,8 +61,10 @@ def _from_folder(folder: Path):
     # loaded as the architecture it was saved as (a masked LM, a classifier), so every weight finds its place and
     # transformers prints no report of unused ones; only its encoder (`base_model`) is used
     architectures = transformers.AutoConfig.from_pretrained(folder).architectures or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    return (model_class or transformers.AutoModel).from_pretrained(folder), load_tokenizer(folder)
+    model_class = (getattr(transformers, architectures[0], None) if architectures else None) or transformers.AutoModel
+    # a plain encoder (the similarity stage's BertModel) was saved without a pooler; don't add a random one
+    extra = {"add_pooling_layer": False} if model_class is transformers.BertModel else {}
+    return model_class.from_pretrained(folder, **extra), load_tokenizer(folder)
 
 
 def _from_mlflow(uri: str):
@@ -71,7 +75,7 @@ def _from_mlflow(uri: str):
         components = mlflow.transformers.load_model(uri, return_type="components")
     except (MlflowException, OSError) as error:
         raise InstructflowError(f"cannot load an encoder from {uri!r}: {error}. Register one (the `register` "
-                                "stage with tracks.encoder on) or pass a model folder such as artifacts/mlm") from error
+                                "stage with tracks.encoder on) or pass a model folder such as artifacts/similarity") from error
     return components["model"], components["tokenizer"]
 
 

@@ -30,13 +30,15 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
         align = stage("align", sft)
         evaluate = stage("evaluate", align, reward)
 
-        # encoder track (BERT): masked-LM pretraining -> [CLS] classifier; it does not wait for the decoder
+        # encoder track (BERT): masked-LM pretraining -> [CLS] classifier and sentence embeddings (KorSTS);
+        # it does not wait for the decoder
         mlm = stage("mlm", tokenizer)
         classify = stage("classify", mlm)
+        similarity = stage("similarity", mlm)
 
-        register = stage("register", evaluate, classify)
+        register = stage("register", evaluate, classify, similarity)
 
-        futures = [prepare, tokenizer, pretrain, sft, reward, align, evaluate, mlm, classify, register]
+        futures = [prepare, tokenizer, pretrain, sft, reward, align, evaluate, mlm, classify, similarity, register]
         return ctx.collect(futures)
 
 

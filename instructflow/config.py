@@ -151,6 +151,8 @@ class RegisterConfig(Section):
     greater_is_better: bool = True
     use_ci: bool = Field(True, description="promote only when the challenger's confidence interval clears the champion")
     classifier_metric: str = Field("macro_f1", description="metric of the encoder track's gate")
+    embedder_name: str = "instructflow-embedder"
+    embedder_metric: str = Field("spearman", description="metric of the sentence embedder's gate (KorSTS dev)")
 
 
 class EncoderModelConfig(Section):
@@ -180,6 +182,36 @@ class ClassifyConfig(TrainConfig):
     lr: float = Field(5e-4, gt=0, le=1, description="measured on tiny NSMC: 5e-4 gives +12 points over 1e-4")
 
 
+class SimilarityConfig(TrainConfig):
+    """Sentence embeddings: the mlm encoder fine-tuned so that the cosine of two sentences' mean-pooled
+    vectors tracks how alike people judged their meaning (KorSTS), scored on the dev pairs."""
+
+    train_path: str = Field("data/raw/korsts_train.tsv",
+                            description="STS pairs to train on: TSV / CSV / JSONL with sentence1, sentence2, score")
+    dev_path: str = Field("data/raw/korsts_dev.tsv", description="STS pairs the embeddings are scored on (Spearman)")
+    max_score: float = Field(5.0, gt=0, description="the top of the gold score scale (KorSTS: 0 to 5)")
+    objective: Literal["cosent", "cosine", "in_batch_negatives", "simcse"] = Field(
+        "cosine", description="cosine: regress the cosine on score / max_score (Sentence-BERT; measured on tiny: "
+        "KorSTS dev Spearman 0.668, cosent 0.658, and cosines that read as similarities); cosent: rank the pairs by "
+        "score (Su 2022); in_batch_negatives: pairs scored >= positive_score, the batch's other "
+        "sentences as negatives; simcse: each train sentence against itself under another dropout mask, no scores")
+    scale: float = Field(20.0, gt=0, le=100,
+                         description="cosine multiplier of cosent, in_batch_negatives and simcse (1 / temperature)")
+    positive_score: float = Field(4.0, ge=0, description="in_batch_negatives: a pair scored at least this is a positive")
+    max_length: int = Field(64, ge=8, description="tokens per sentence, [CLS] and [SEP] included")
+    max_train_pairs: int | None = Field(None, ge=10, description="a seeded sample of the train pairs (null: all)")
+    max_dev_pairs: int | None = Field(None, ge=10, description="a seeded sample of the dev pairs (null: all)")
+    bootstrap_resamples: int = Field(1000, ge=100, description="resamples of the dev pairs behind each interval")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the bootstrap intervals")
+    lr: float = Field(5e-4, gt=0, le=1, description="peak learning rate")
+
+    @model_validator(mode="after")
+    def _positive_within_scale(self) -> "SimilarityConfig":
+        if self.positive_score > self.max_score:
+            raise ValueError(f"positive_score {self.positive_score} is above max_score {self.max_score}")
+        return self
+
+
 class ScheduleConfig(Section):
     cron: str = Field("0 2 * * *", description="when `instructflow serve` runs the pipeline (nightly at 02:00)")
     timezone: str = "UTC"
@@ -199,7 +231,7 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 class TracksConfig(Section):
     decoder: bool = Field(True, description="InstructGPT track: pretrain, sft, reward, align, evaluate")
-    encoder: bool = Field(False, description="encoder track: mlm, classify")
+    encoder: bool = Field(False, description="encoder track: mlm, classify, similarity")
 
     @model_validator(mode="after")
     def _one(self) -> "TracksConfig":
@@ -223,6 +255,7 @@ class Params(Section):
     register: RegisterConfig = RegisterConfig()
     mlm: MLMConfig = MLMConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     def chosen(self, stage: str) -> bool:

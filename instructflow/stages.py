@@ -72,7 +72,8 @@ STAGES: tuple[Stage, ...] = (
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_accuracy", "eval_loss")),
     Stage("align", reads=("artifacts/sft", "data/prepared"), outs=("artifacts/align",),
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_reward_accuracy")),
-    Stage("evaluate", reads=("artifacts/align", "artifacts/sft", "artifacts/reward", "data/prepared"),
+    Stage("evaluate", reads=("artifacts/align", "artifacts/sft", "artifacts/reward", "artifacts/pretrain",
+                             "data/prepared"),
           outs=("reports",), track="decoder", gpu=True, params=("reward",), preset_params=("reward",),
           key_metrics=("exact_match", "win_rate", "reward_accuracy", "kl_to_reference")),
     Stage("mlm", reads=("artifacts/tokenizer", "data/prepared"), outs=("artifacts/mlm",),
@@ -80,8 +81,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("classify", reads=("artifacts/mlm", "${classify.train_path}", "${classify.test_path}"),
           outs=("artifacts/classify",), track="encoder", gpu=True, plots=LOSS,
           key_metrics=("accuracy", "macro_f1", "baseline_macro_f1")),
+    Stage("similarity", reads=("artifacts/mlm", "${similarity.train_path}", "${similarity.dev_path}"),
+          outs=("artifacts/similarity",), track="encoder", gpu=True, plots=("loss", "eval_spearman"),
+          key_metrics=("spearman", "mlm_spearman", "tfidf_spearman", "beats_tfidf")),
     Stage("register", reads=("artifacts/align", "artifacts/reward", "metrics/evaluate.json", "artifacts/mlm",
-                             "artifacts/classify", "metrics/classify.json"),
+                             "artifacts/classify", "metrics/classify.json", "artifacts/similarity",
+                             "metrics/similarity.json"),
           outs=("registry",), params=("tracks",), cache_outs=False, key_metrics=()),
 )
 BY_NAME = {s.name: s for s in STAGES}

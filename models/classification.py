@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import vstack
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
@@ -174,6 +175,42 @@ def tfidf_baseline(
     )
     model.fit(list(train_texts), list(train_labels))
     return model.predict(list(test_texts)).tolist()
+
+
+def tfidf_pairwise_baseline(
+    train_pairs: Sequence[tuple[str, str]],
+    test_pairs: Sequence[tuple[str, str]],
+    seed: int = 0,
+    max_features: int = 100_000,
+) -> list[float]:
+    """Per held-out (chosen, rejected) pair: 1.0 where a TF-IDF preference model ranks chosen first, 0.5 on a tie, else 0.
+
+    The bar a reward model must clear. Each text is the prompt followed by one response (the caller joins them).
+    Logistic regression without intercept on the difference of the two TF-IDF vectors, trained on every training
+    pair in both orders (chosen - rejected labelled 1, rejected - chosen labelled 0), so its score is antisymmetric:
+    swapping the two responses flips the sign, and two responses with the same features tie exactly. Character
+    n-grams within word boundaries (char_wb, 1-3), as `tfidf_baseline`, for Korean and English alike.
+    """
+    if not train_pairs or not test_pairs:
+        raise ValueError(f"tfidf_pairwise_baseline needs training and test pairs, got {len(train_pairs)} and "
+                         f"{len(test_pairs)}")
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True, max_features=max_features)
+    vectorizer.fit([text for pair in train_pairs for text in pair])
+
+    def differences(pairs: Sequence[tuple[str, str]]):
+        return vectorizer.transform([a for a, _ in pairs]) - vectorizer.transform([b for _, b in pairs])  # (N, V)
+
+    diff = differences(train_pairs)
+    model = LogisticRegression(fit_intercept=False, max_iter=1000, random_state=seed)
+    model.fit(vstack([diff, -diff]), np.r_[np.ones(diff.shape[0]), np.zeros(diff.shape[0])])
+    scores = model.decision_function(differences(test_pairs))  # (M,) > 0: the first text is preferred
+    return [1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in scores.tolist()]
+
+
+def length_baseline(pairs: Sequence[tuple[str, str]]) -> list[float]:
+    """Per (chosen, rejected) pair: 1.0 where the chosen response is the longer (in characters), 0.5 on equal
+    lengths, else 0.0. The mean is the accuracy of "longer is better", the length bias a reward model may learn."""
+    return [1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0 for a, b in pairs]
 
 
 def classification_metrics(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> dict:

@@ -25,6 +25,7 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
+    BertModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -219,6 +220,47 @@ def build_classifier(
     return classifier
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Sentence vectors (B, H) from last hidden states (B, T, H).
+
+    "mean": the average over the positions the attention mask keeps ([CLS] and [SEP] included, padding
+    not); "cls": the [CLS] hidden state as it is (no pooler).
+    """
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, H)
+    if pooling != "mean":
+        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    keep = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)  # (B, H)
+
+
+def sentence_vectors(encoder: PreTrainedModel, batch: Mapping[str, torch.Tensor], pooling: str = "mean") -> torch.Tensor:
+    """Pooled sentence vectors (B, H) of an `encode` batch: what `embed` returns, with gradients when training."""
+    hidden = encoder(**{k: batch[k] for k in ENCODER_INPUT_NAMES}).last_hidden_state  # (B, T, H)
+    return pool(hidden, batch["attention_mask"], pooling)
+
+
+def build_embedder(encoder: str | Path | PreTrainedModel) -> BertModel:
+    """A sentence encoder (a BertModel without pooler) starting as a copy of a pretrained masked LM's encoder.
+
+    `encoder` is a BertForMaskedLM (or any BERT model) or the folder it was saved to. Its sentence vector is
+    `pool` over the last hidden states, so it needs no head; it is saved as a plain BertModel, the
+    `feature-extraction` model that `embed`, `instructflow similarity` and MLflow serve.
+    """
+    if isinstance(encoder, (str, Path)):
+        encoder = BertForMaskedLM.from_pretrained(encoder)
+    settings = encoder.config.to_dict()
+    for key in ("architectures", "id2label", "label2id"):
+        settings.pop(key, None)
+    embedder = BertModel(BertConfig.from_dict(settings), add_pooling_layer=False)
+    result = embedder.load_state_dict(encoder.base_model.state_dict(), strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [key for key in result.missing_keys if not key.startswith("pooler.")]
+    if unexpected or missing:
+        raise ValueError(f"encoder weights do not fit a BERT encoder: missing {missing}, unexpected {unexpected}")
+    return embedder
+
+
 @torch.no_grad()
 def embed(
     model: str | Path | PreTrainedModel,
@@ -231,7 +273,7 @@ def embed(
     """Sentence vectors (N, H) from the encoder part of a BERT model (or the folder it was saved in).
 
     pooling="mean" averages the last hidden states over non-pad positions ([CLS] and [SEP]
-    included); pooling="cls" takes the [CLS] hidden state as it is (no pooler).
+    included); pooling="cls" takes the [CLS] hidden state as it is (no pooler). See `pool`.
     """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
@@ -245,12 +287,7 @@ def embed(
     for start in range(0, len(texts), batch_size):
         batch = encode(tokenizer, texts[start : start + batch_size], max_length=max_length)
         batch = {key: value.to(device) for key, value in batch.items()}
-        hidden = encoder(**batch).last_hidden_state  # (B, T, H)
-        if pooling == "cls":
-            vectors.append(hidden[:, 0])  # (B, H)
-        else:
-            keep = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            vectors.append((hidden * keep).sum(dim=1) / keep.sum(dim=1))  # (B, H)
+        vectors.append(sentence_vectors(encoder, batch, pooling))  # (B, H)
     encoder.train(was_training)
     return torch.cat(vectors).float().cpu()  # (N, H)
 

@@ -105,3 +105,53 @@ def bradley_terry_loss(
     if margin is not None:
         diff = diff - margin  # (B,)
     return -F.logsigmoid(diff).mean()
+
+
+# ---- sentence embeddings --------------------------------------------------------------------------
+# H = embedding size. Each loss takes embeddings (or their cosines) and returns a scalar; none of them
+# normalises inside a model, so the embeddings served are the very vectors these cosines are taken of.
+
+
+def cosine_similarity_loss(cosines: torch.Tensor, scores: torch.Tensor, max_score: float = 5.0) -> torch.Tensor:
+    """Mean squared error between the pairs' cosines (B,) and their gold scores (B,) scaled to [0, 1].
+
+    Reimers & Gurevych 2019, "Sentence-BERT", section 3 (regression objective; sentence-transformers'
+    CosineSimilarityLoss): (cos(u, v) - score / max_score)^2, batch mean.
+    """
+    if cosines.shape != scores.shape:
+        raise ValueError(f"cosines {tuple(cosines.shape)} and scores {tuple(scores.shape)} must have the same shape")
+    return ((cosines.float() - scores.float() / max_score) ** 2).mean()
+
+
+def cosent_loss(cosines: torch.Tensor, scores: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """CoSENT: a ranking loss over every two pairs of the batch whose gold scores differ.
+
+    Su 2022, "CoSENT" (kexue.fm/archives/8847), as in sentence-transformers' CoSENTLoss:
+        log(1 + sum over (i, j) with score_i > score_j of exp(scale * (cos_j - cos_i)))
+    cosines and scores (B,); a pair ranked above another by the gold scores should have the larger cosine.
+    Only the order of the scores matters, not their scale. Pairs with equal scores add nothing.
+    """
+    if cosines.shape != scores.shape or cosines.dim() != 1:
+        raise ValueError(f"cosines {tuple(cosines.shape)} and scores {tuple(scores.shape)} must both be (B,)")
+    cos = cosines.float()
+    diff = scale * (cos.unsqueeze(0) - cos.unsqueeze(1))  # (B, B): [i, j] = scale * (cos_j - cos_i)
+    ranked = scores.unsqueeze(1) > scores.unsqueeze(0)  # (B, B): pair i should score above pair j
+    diff = diff.masked_fill(~ranked, float("-inf"))  # (B, B)
+    return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)  # the 1 is exp(0)
+
+
+def in_batch_negatives_loss(anchors: torch.Tensor, positives: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Each anchor must pick its own positive among every positive of the batch (the others are negatives).
+
+    Henderson et al. 2017, "Efficient Natural Language Response Suggestion for Smart Reply", section 4.4;
+    with cosines times `scale` (1 / temperature) as in sentence-transformers' MultipleNegativesRankingLoss,
+    and as SimCSE (Gao et al. 2021, eq. 1, temperature 0.05 = scale 20) when the positive is the same
+    sentence seen through another dropout mask. anchors and positives (B, H); cross-entropy of the (B, B)
+    scaled cosine matrix against its diagonal, batch mean.
+    """
+    if anchors.shape != positives.shape or anchors.dim() != 2:
+        raise ValueError(f"anchors {tuple(anchors.shape)} and positives {tuple(positives.shape)} must both be (B, H)")
+    a = F.normalize(anchors.float(), dim=-1)  # (B, H)
+    p = F.normalize(positives.float(), dim=-1)  # (B, H)
+    logits = scale * a @ p.T  # (B, B): [i, j] = scale * cos(anchor_i, positive_j)
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))

@@ -4,6 +4,13 @@ Held-out perplexity; exact match on held-out synthetic tasks; greedy and sampled
 real prompts; reward-model pairwise accuracy; the policy's mean reward and win-rate against the SFT model;
 the KL to the reference. Every rate carries a bootstrap confidence interval. Writes DVC metrics, a plot
 and a markdown report.
+
+Per-stage gains (`gain.*` / `beats.*` metrics, the report's "Per-stage gains" table): each decoder stage
+against its simple baseline on the same items, with a paired bootstrap interval of the difference:
+- sft: exact match of the SFT model against the base model (artifacts/pretrain), overall and per task kind;
+- reward: pairwise accuracy of the reward model against a TF-IDF pairwise model trained on the same training
+  pairs and against "the longer response wins", on synthetic and on real held-out pairs separately;
+- align: the policy's win-rate against a tie with SFT (0.5), and its exact match against SFT's.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import torch
 
 from instructflow.config import Params
 from instructflow.io import write_jsonl
-from instructflow.synthetic import exact_match
+from instructflow.synthetic import KINDS, exact_match
+from models.classification import length_baseline, tfidf_pairwise_baseline
 from models.decoder import collate_lm, collate_pairs, lm_eval_loss, pad_inputs, reward_scores
 from models.generate import generate, sequence_logprobs_of
-from models.stats import bootstrap_ci, win_rate
-from models.tokenizer import chat_example, encode_chat, encode_prompt, load_tokenizer
+from models.stats import Gain, baseline_flags, bootstrap_ci, gain_metrics, gain_table, paired_gain, win_rate
+from models.tokenizer import chat_example, encode_chat, encode_prompt, load_tokenizer, preference_example
 from models.training import for_inference, perplexity
 from tasks.reward import preference_set, rewards
 from tasks.runtime import read_prepared, run_stage, stage_output
@@ -73,6 +81,55 @@ def generate_batched(model, prompts: list[list[int]], batch_size: int, seed: int
     return outs
 
 
+def pair_texts(row: dict) -> tuple[str, str]:
+    """(prompt + chosen, prompt + rejected) as plain text, for the TF-IDF pairwise baseline."""
+    prompt = "\n".join(m["content"] for m in row["prompt"])
+    return f"{prompt}\n{row['chosen']}", f"{prompt}\n{row['rejected']}"
+
+
+def pair_subset(row: dict) -> str:
+    """A preference row's subset in the gain table: `synthetic` tasks, or `real` (any real data set)."""
+    return "synthetic" if row.get("source") == "synthetic" else "real"
+
+
+def reward_gains(reward_model, tok, train_rows: list[dict], eval_rows: list[dict], params: Params,
+                 gain) -> list[Gain]:
+    """The reward model's pairwise accuracy against the TF-IDF pairwise and the length baselines, per subset.
+
+    The pairs are those the reward stage can score (within reward.max_length), the TF-IDF model trained on the
+    same training pairs as the reward model; each subset's first evaluate.max_eval_rows held-out pairs.
+    """
+    cfg = params.evaluate
+    fits = partial(preference_example, tok, max_length=params.reward.max_length)
+    train = [r for r in train_rows if fits(r) is not None]
+    gains = []
+    for subset in ("synthetic", "real"):
+        rows = [(r, ex) for r in eval_rows if pair_subset(r) == subset and (ex := fits(r)) is not None]
+        rows = rows[: cfg.max_eval_rows]
+        if not rows or not train:
+            log.warning("evaluate: no %s held-out preference pairs (or no training pairs): no reward gain for them",
+                        subset)
+            continue
+        model = pair_outcomes(reward_model, [ex for _, ex in rows], tok.pad_token_id, cfg.batch_size)
+        tfidf = tfidf_pairwise_baseline([pair_texts(r) for r in train], [pair_texts(r) for r, _ in rows],
+                                        seed=params.seed)
+        length = length_baseline([(r["chosen"], r["rejected"]) for r, _ in rows])
+        gains += [gain("reward", "accuracy", "tfidf", model, tfidf, subset=subset),
+                  gain("reward", "accuracy", "length", model, length, subset=subset)]
+    return gains
+
+
+def exact_match_gains(tasks: list[dict], hits: dict[str, list[float]], gain) -> list[Gain]:
+    """SFT against the base model, overall and per task kind; the policy against SFT, overall."""
+    gains = [gain("sft", "exact_match", "base", hits["sft"], hits["base"])]
+    present = {r.get("task") for r in tasks}
+    for kind in [k for k in KINDS if k in present] + sorted(k for k in present - set(KINDS) if k):
+        idx = [i for i, r in enumerate(tasks) if r.get("task") == kind]
+        gains.append(gain("sft", "exact_match", "base", [hits["sft"][i] for i in idx],
+                          [hits["base"][i] for i in idx], subset=kind))
+    return gains + [gain("align", "exact_match", "sft", hits["policy"], hits["sft"])]
+
+
 def ci(values: list[float], cfg, seed: int) -> dict[str, float]:
     est, low, high = bootstrap_ci(values, cfg.bootstrap_resamples, cfg.confidence, seed)
     return {"value": est, "ci_low": low, "ci_high": high}
@@ -108,18 +165,25 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     # 2. exact match on held-out synthetic tasks, greedy
     tasks = [r for r in read_prepared(root, "sft_eval") if r.get("answer")][: cfg.max_eval_rows]
     prompts = [fit_prompt(encode_prompt(tok, r["messages"][:-1]), prompt_limit) for r in tasks]
-    answers = {}
-    for name, model in (("policy", policy), ("sft", reference)):
+    answers, hits = {}, {}
+    # the base model (pretrain, before SFT) answers the same prompts: the baseline SFT must beat
+    base = for_inference(AutoModelForCausalLM.from_pretrained(art / "pretrain"))
+    for name, model in (("policy", policy), ("sft", reference), ("base", base)):
         answers[name] = [decode(o).strip() for o in gen_all(model, prompts)]
-        hits = [float(exact_match(a, r["answer"])) for a, r in zip(answers[name], tasks)]
-        results[f"{name}_exact_match"] = ci(hits, cfg, params.seed)
+        hits[name] = [float(exact_match(a, r["answer"])) for a, r in zip(answers[name], tasks)]
+        results[f"{name}_exact_match"] = ci(hits[name], cfg, params.seed)
+    del base
     results["exact_match"] = results["policy_exact_match"]
+    gain = partial(paired_gain, n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=params.seed)
+    gains = exact_match_gains(tasks, hits, gain) if tasks else []
 
     # 3. reward model: pairwise accuracy on held-out preference pairs
     pairs = preference_set(tok, read_prepared(root, "preference_eval")[: cfg.max_eval_rows],
                            params.reward.max_length, "preference_eval")
     results["reward_accuracy"] = ci(pair_outcomes(reward_model, pairs, tok.pad_token_id, cfg.batch_size),
                                     cfg, params.seed)
+    gains += reward_gains(reward_model, tok, read_prepared(root, "preference_train"),
+                          read_prepared(root, "preference_eval"), params, gain)
 
     # 4. real prompts: greedy and sampled generations, and sampled responses scored by the reward model
     real = read_prepared(root, "prompts_eval")
@@ -139,7 +203,9 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         per_prompt = [sum(scores[j:j + cfg.n_samples]) / cfg.n_samples for j in range(0, len(scores), cfg.n_samples)]
         mean_reward[name] = per_prompt
         results[f"{name}_mean_reward"] = ci(per_prompt, cfg, params.seed)
-    results["win_rate"] = ci(win_rate(mean_reward["policy"], mean_reward["sft"]), cfg, params.seed)
+    wins = win_rate(mean_reward["policy"], mean_reward["sft"])
+    results["win_rate"] = ci(wins, cfg, params.seed)
+    gains.append(gain("align", "win_rate", "tie", wins, [0.5] * len(wins)))
 
     # 5. KL(policy || reference), Monte Carlo: E_{y ~ pi}[log pi(y|x) - log ref(y|x)]. The expectation is over
     # the policy's own distribution, so these samples are drawn at temperature 1 with no top-k / top-p cut.
@@ -161,7 +227,10 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         flat[f"{key}_ci_low"] = value["ci_low"]
         flat[f"{key}_ci_high"] = value["ci_high"]
     flat.update(n_exact_match=len(tasks), n_reward_pairs=len(pairs), n_judged_prompts=len(judged))
-    report = render_report(params, results, flat, samples, tasks, answers)
+    order = {"sft": 0, "reward": 1, "align": 2}  # pipeline order in the table
+    gains = sorted(gains, key=lambda g: order.get(g.stage, len(order)))
+    flat.update(gain_metrics(gains))
+    report = render_report(params, results, flat, samples, tasks, answers, gains)
 
     with stage_output(root, "evaluate", run) as out:
         (out / "evaluation.md").write_text(report, encoding="utf-8")
@@ -177,7 +246,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
 
 
 def render_report(params: Params, results: dict, flat: dict, samples: list[dict], tasks: list[dict],
-                  answers: dict[str, list[str]]) -> str:
+                  answers: dict[str, list[str]], gains: list[Gain] = ()) -> str:
     conf = int(params.evaluate.confidence * 100)
     lines = [f"# Evaluation report ({params.preset} preset)", "",
              f"Aligned policy (`{params.align.algorithm}`, {params.align.loss_type} loss, beta {params.align.beta}) "
@@ -191,10 +260,12 @@ def render_report(params: Params, results: dict, flat: dict, samples: list[dict]
               f"| sft_perplexity | {flat['sft_perplexity']:.3f} | |", "",
               f"Exact match over {len(tasks)} held-out synthetic tasks; reward accuracy over "
               f"{flat['n_reward_pairs']} held-out pairs; rewards and win-rate over {flat['n_judged_prompts']} prompts "
-              f"x {params.evaluate.n_samples} samples.", "", "## Synthetic tasks (first 5)", ""]
-    for row, pol, ref in list(zip(tasks, answers["policy"], answers["sft"]))[:5]:
+              f"x {params.evaluate.n_samples} samples.", ""]
+    lines += render_gains(gains, params.evaluate.confidence)
+    lines += ["## Synthetic tasks (first 5)", ""]
+    for row, pol, ref, base in list(zip(tasks, answers["policy"], answers["sft"], answers.get("base", ())))[:5]:
         lines.append(f"- `{row['messages'][-2]['content'][:80]}` expected `{row['answer']}`; "
-                     f"policy `{pol[:60]}`; sft `{ref[:60]}`")
+                     f"policy `{pol[:60]}`; sft `{ref[:60]}`; base `{base[:60]}`")
     lines += ["", "## Real prompts", ""]
     for s in samples:
         lines += [f"**Prompt:** {s['prompt'][:300]}", "",
@@ -203,6 +274,22 @@ def render_report(params: Params, results: dict, flat: dict, samples: list[dict]
                   f"top-p {params.evaluate.top_p}): {s['policy_sampled'][:300]!r}",
                   f"- SFT, greedy: {s['sft_greedy'][:300]!r}", ""]
     return "\n".join(lines) + "\n"
+
+
+def render_gains(gains: list[Gain], confidence: float) -> list[str]:
+    """The report's "Per-stage gains" section: the table, then the stages that do not beat their baseline."""
+    lines = ["## Per-stage gains", "",
+             "Each stage against its simple baseline on the same held-out items: gain = model - baseline, with a "
+             f"{confidence:.0%} paired bootstrap interval; a stage beats its baseline when the whole interval lies "
+             "above 0. sft: the SFT model against the base model (pretrain) it started from. reward: the reward model "
+             "against a TF-IDF pairwise logistic regression trained on the same pairs, and against \"the longer "
+             "response wins\" (ties half). align: the policy's win-rate against a tie with SFT (0.5), its exact match "
+             "against SFT's. The encoder track's gains are in metrics/classify.json (and the CLI summary).", ""]
+    if not gains:
+        return lines + ["No gains could be measured (no held-out synthetic tasks or preference pairs).", ""]
+    lines += gain_table(gains, confidence)
+    flags = baseline_flags(gains)
+    return lines + [""] + ([f"- **{line}**" for line in flags] if flags else ["Every stage beats its baselines."]) + [""]
 
 
 def main() -> None:

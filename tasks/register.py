@@ -1,5 +1,6 @@
-"""Stage `register`: log the policy and the reward model to MLflow, register them with their lineage,
-and move `champion` through the promotion gate, all or nothing.
+"""Stage `register`: log the policy and the reward model (decoder track) and the encoder, the classifier and
+the sentence embedder (encoder track) to MLflow, register them with their lineage, and move `champion`
+through the promotion gate, all or nothing (one transaction over every model).
 
 A new version gets the alias `challenger`; it becomes `champion` only when it beats the current champion
 on `register.metric` (its confidence interval included, with `register.use_ci`). If anything fails after
@@ -96,9 +97,12 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         scores = json.loads((root / "metrics" / "classify.json").read_text())
         scores.update({f"mlm_{k}": v for k, v in json.loads((root / "metrics" / "mlm.json").read_text()).items()})
         check_metric(scores, cfg.classifier_metric, "register.classifier_metric", "classify")
+        embedding = json.loads((root / "metrics" / "similarity.json").read_text())
+        check_metric(embedding, cfg.embedder_metric, "register.embedder_metric", "similarity")
         plan += [(cfg.encoder_name, art / "mlm", "feature-extraction", scores, cfg.classifier_metric),
-                 (cfg.classifier_name, art / "classify", "text-classification", scores, cfg.classifier_metric)]
-        made_by += ["mlm", "classify"]
+                 (cfg.classifier_name, art / "classify", "text-classification", scores, cfg.classifier_metric),
+                 (cfg.embedder_name, art / "similarity", "feature-extraction", embedding, cfg.embedder_metric)]
+        made_by += ["mlm", "classify", "similarity"]
     tags = lineage(params, root, made_by)
 
     summary = {}

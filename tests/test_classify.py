@@ -23,6 +23,7 @@ from instructflow.config import validate
 from instructflow.errors import DataError, InstructflowError
 from models.classification import LabelMap
 from models.encoder import build_encoder, encoder_tokenizer
+from models.stats import gains_from_metrics
 from models.tokenizer import load_tokenizer
 from tasks.registry import log_and_register
 
@@ -94,8 +95,11 @@ def test_stage_reports_encoder_and_baseline_and_saves_the_label_map(project, mlm
         rows = list(csv.DictReader(fh))
     assert [r["text"] for r in rows] == POSITIVE + NEGATIVE
     assert {r["prediction"] for r in rows} <= {"neg", "pos"} and rows[0]["label"] == "pos"
+    assert {r["random_init_prediction"] for r in rows} <= {"neg", "pos"}
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["encoder"]["accuracy"] == metrics["accuracy"]
+    assert evaluation["random_init"]["accuracy"] == metrics["random_init_accuracy"]
+    assert all(metrics[key] == value for key, value in evaluation["gains"].items())
     assert sum(map(sum, evaluation["baseline"]["confusion_matrix"])) == 12
     for name in ("confusion.png", "confusion_baseline.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -107,6 +111,27 @@ def test_stage_reports_encoder_and_baseline_and_saves_the_label_map(project, mlm
     ids = saved_tok("좋아요", add_special_tokens=False)["input_ids"]
     assert saved_tok("좋아요")["input_ids"] == [saved_tok.cls_token_id, *ids, saved_tok.sep_token_id]
     assert saved_tok.model_max_length == micro_params().classify.max_length
+
+
+def test_gains_against_a_random_init_encoder_and_tfidf(project, mlm_folder):
+    # when the stage fine-tunes the pretrained encoder and, the same way, a randomly initialised one of its config
+    metrics = stage.body(micro_params(), project, FakeRun())
+    out = project / "artifacts" / "classify"
+    with (out / "predictions.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+
+    # then: two gains in test accuracy on the same 12 rows, recomputed here from the predictions
+    gains = {g.id: g for g in gains_from_metrics(metrics)}
+    assert set(gains) == {"mlm.accuracy.all.random_init", "classify.accuracy.all.tfidf"}
+    accuracy = {col: sum(r[col] == r["label"] for r in rows) / len(rows)
+                for col in ("prediction", "baseline_prediction", "random_init_prediction")}
+    mlm, tfidf = gains["mlm.accuracy.all.random_init"], gains["classify.accuracy.all.tfidf"]
+    assert (mlm.model_value, mlm.baseline_value) == (accuracy["prediction"], accuracy["random_init_prediction"])
+    assert (tfidf.model_value, tfidf.baseline_value) == (accuracy["prediction"], accuracy["baseline_prediction"])
+    assert metrics["random_init_accuracy"] == accuracy["random_init_prediction"] and mlm.n == tfidf.n == 12
+    # TF-IDF has seen these very sentences and gets all 12 right: nothing can beat it, and the stage is flagged
+    assert tfidf.baseline_value == 1.0 and tfidf.ci_high <= 0 and metrics["beats.classify.accuracy.all.tfidf"] == 0.0
+    assert metrics["beats.mlm.accuracy.all.random_init"] == float(mlm.ci_low > 0)
 
 
 def test_unknown_test_label_names_file_line_column_and_writes_nothing(project):

@@ -205,3 +205,74 @@ def test_status_reads_the_registry_of_the_root_it_is_given(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (root / "mlflow.db").is_file()
     assert not (elsewhere / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-stage gains: the summary after `run` flags a stage that does not beat its baseline
+
+
+def gains_metrics() -> dict[str, dict]:
+    """metrics/evaluate.json and metrics/classify.json as the stages write them: gains among other figures."""
+    from models.stats import Gain, gain_metrics
+
+    evaluate = gain_metrics([
+        Gain("sft", "exact_match", "all", "base", 0.5, 0.0, 0.5, 0.3, 0.7, 200),
+        Gain("reward", "accuracy", "synthetic", "tfidf", 0.9, 0.6, 0.3, 0.2, 0.4, 100),
+        Gain("reward", "accuracy", "real", "tfidf", 0.55, 0.61, -0.06, -0.12, 0.01, 100),
+        Gain("align", "win_rate", "all", "tie", 0.7, 0.5, 0.2, 0.05, 0.35, 48),
+    ])
+    classify = gain_metrics([Gain("mlm", "accuracy", "all", "random_init", 0.7, 0.6, 0.1, 0.05, 0.15, 5000),
+                             Gain("classify", "accuracy", "all", "tfidf", 0.7, 0.8, -0.1, -0.15, -0.05, 5000)])
+    return {"evaluate": {"exact_match": 0.5, "exact_match_ci_low": 0.3, "exact_match_ci_high": 0.7, **evaluate},
+            "classify": {"accuracy": 0.7, "macro_f1": 0.69, **classify}}
+
+
+def test_summary_flags_each_stage_that_does_not_beat_its_baseline(monkeypatch, wide):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cli, "registry_table", lambda params: None)
+    figures = gains_metrics()
+    results = [{"stage": name, "status": "ran", "wall_s": 1.0, "metrics": figures.get(name, {})} for name in NAMES]
+    with cli.console.capture() as captured:
+        cli.print_summary(results, SimpleNamespace(preset="micro"), Path("/p"), 10.0)
+    output = captured.get()
+
+    # then: a `vs baseline` column on the row of each judged stage (the gains live in evaluate's and classify's files)
+    assert row(output, "sft")[-1] == "beats 1/1"
+    assert row(output, "reward")[-1] == "beats 1/2"
+    assert row(output, "align")[-1] == "beats 1/1"
+    assert row(output, "mlm")[-1] == "beats 1/1" and row(output, "classify")[-1] == "beats 0/1"
+    assert row(output, "evaluate")[-1] == "" and row(output, "pretrain")[-1] == ""
+    # and one line per failing stage naming the comparison it fails, with the figures
+    flags = [line for line in output.splitlines() if line.startswith("does not beat")]
+    assert flags == [
+        "does not beat its baseline: reward (accuracy (real): 0.55 vs TF-IDF 0.61, gain -0.060 [-0.120, +0.010])",
+        "does not beat its baseline: classify (accuracy: 0.7 vs TF-IDF 0.8, gain -0.100 [-0.150, -0.050])"]
+
+
+def test_summary_says_when_every_stage_beats_its_baselines(monkeypatch, wide):
+    from types import SimpleNamespace
+
+    from models.stats import Gain, gain_metrics
+
+    monkeypatch.setattr(cli, "registry_table", lambda params: None)
+    metrics = gain_metrics([Gain("sft", "exact_match", "all", "base", 0.5, 0.0, 0.5, 0.3, 0.7, 200)])
+    results = [{"stage": "evaluate", "status": "skipped", "wall_s": 0.1, "metrics": metrics}]
+    with cli.console.capture() as captured:
+        cli.print_summary(results, SimpleNamespace(preset="micro"), Path("/p"), 1.0)
+    assert "does not beat" not in captured.get()
+    assert "every stage measured beats its baselines (sft)" in captured.get()
+
+
+def test_status_flags_a_stage_that_does_not_beat_its_baseline(tmp_path, monkeypatch, wide):
+    root = project(tmp_path)
+    for name, metrics in gains_metrics().items():
+        write(root / "metrics" / f"{name}.json", metrics)
+    monkeypatch.setattr(cli, "subprocess", FakeDvc())
+
+    result = invoke("status", "--root", str(root))
+
+    assert result.exit_code == 0, result.output
+    assert "does not beat its baseline: reward (accuracy (real): 0.55 vs TF-IDF 0.61" in result.output
+    assert "does not beat its baseline: classify (accuracy: 0.7 vs TF-IDF 0.8" in result.output
+    assert "sft (" not in result.output

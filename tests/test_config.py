@@ -126,7 +126,7 @@ def test_tiny_and_micro_presets_differ_in_sizes(tmp_path):
     tiny = load_params(path)
     micro = load_params(path, preset="micro")
 
-    assert tiny.preset == "tiny" and tiny.pretrain.model.hidden_size == 128 and tiny.sft.max_steps == 900
+    assert tiny.preset == "tiny" and tiny.pretrain.model.hidden_size == 128 and tiny.sft.max_steps == 1800
     assert micro.preset == "micro" and micro.pretrain.model.hidden_size == 32 and micro.sft.max_steps == 10
 
 
@@ -199,5 +199,5 @@ def test_stages_follow_the_chosen_tracks(tmp_path):
     both = load_params(path, overrides=["tracks.encoder=true"]).stages()
 
     assert decoder == ["prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "register"]
-    assert encoder == ["prepare", "tokenizer", "mlm", "classify", "register"]
+    assert encoder == ["prepare", "tokenizer", "mlm", "classify", "similarity", "register"]
     assert both == list(STAGES)

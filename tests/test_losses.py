@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from models.losses import bradley_terry_loss, dpo_loss, masked_mean, sequence_logprobs
+from models.losses import (
+    bradley_terry_loss,
+    cosent_loss,
+    cosine_similarity_loss,
+    dpo_loss,
+    in_batch_negatives_loss,
+    masked_mean,
+    sequence_logprobs,
+)
 
 
 def t(*xs):
@@ -150,3 +158,54 @@ def test_bradley_terry_gradient_pushes_rewards_apart():
     # d/d r_c = -sigmoid(-2) = -0.119202922
     assert rc.grad.item() == pytest.approx(-0.1192029220)
     assert rr.grad.item() == pytest.approx(0.1192029220)
+
+
+# ---- sentence-embedding losses ---------------------------------------------------------------------
+
+
+def test_cosine_similarity_loss_regresses_cosine_on_score_over_five():
+    # pair 1: cosine 0.8, score 5 -> target 1.0, error 0.2; pair 2: cosine 0.2, score 0 -> target 0, error 0.2
+    # mean of 0.2^2 and 0.2^2 = 0.04
+    assert cosine_similarity_loss(t(0.8, 0.2), t(5.0, 0.0)).item() == pytest.approx(0.04)
+    # on a 0-1 scale the same pairs need max_score 1
+    assert cosine_similarity_loss(t(0.8, 0.2), t(1.0, 0.0), max_score=1.0).item() == pytest.approx(0.04)
+
+
+def test_cosent_sums_every_pair_of_pairs_ranked_by_score():
+    # scores 5 > 3 > 0, cosines 0.9, 0.5, 0.1 (right order), scale 1: the three ranked couples add
+    # exp(0.5 - 0.9) + exp(0.1 - 0.9) + exp(0.1 - 0.5) = e^-0.4 + e^-0.8 + e^-0.4 inside log(1 + ...)
+    expected = math.log(1 + 2 * math.exp(-0.4) + math.exp(-0.8))  # = 1.02604...
+    assert cosent_loss(t(0.9, 0.5, 0.1), t(5.0, 3.0, 0.0), scale=1.0).item() == pytest.approx(expected)
+    assert expected == pytest.approx(1.02604, abs=1e-5)
+    # only the order of the scores counts
+    assert cosent_loss(t(0.9, 0.5, 0.1), t(4.0, 1.0, 0.5), scale=1.0).item() == pytest.approx(expected)
+
+
+def test_cosent_ignores_ties_and_punishes_a_wrong_order():
+    # scores 5, 5, 0: the tied couple adds nothing; (0, 2) adds e^(0.1-0.9), (1, 2) adds e^(0.1-0.5)
+    tied = cosent_loss(t(0.9, 0.5, 0.1), t(5.0, 5.0, 0.0), scale=1.0).item()
+    assert tied == pytest.approx(math.log(1 + math.exp(-0.8) + math.exp(-0.4)))
+    # the score-5 pair has the lower cosine: log(1 + e^(20 * 0.8)) = log(1 + e^16), about 16
+    assert cosent_loss(t(0.1, 0.9), t(5.0, 0.0)).item() == pytest.approx(math.log1p(math.exp(16.0)))
+    # all scores equal: nothing to rank, loss log(1) = 0
+    assert cosent_loss(t(0.3, 0.7), t(2.0, 2.0)).item() == 0.0
+
+
+def test_in_batch_negatives_is_cross_entropy_over_the_batch_cosines():
+    # anchors (1, 0), (0, 2) and positives (3, 0), (1, 1): cosines [[1, 1/sqrt2], [0, 1/sqrt2]], scale 1
+    # row 1 must pick column 1: -log(e^1 / (e^1 + e^0.7071)) = log(1 + e^(0.7071 - 1))
+    # row 2 must pick column 2: -log(e^0.7071 / (e^0 + e^0.7071)) = log(1 + e^(-0.7071))
+    r = 1 / math.sqrt(2)
+    expected = (math.log1p(math.exp(r - 1)) + math.log1p(math.exp(-r))) / 2  # = (0.5574 + 0.4009) / 2 = 0.4791...
+    loss = in_batch_negatives_loss(t(1.0, 0.0, 0.0, 2.0).view(2, 2), t(3.0, 0.0, 1.0, 1.0).view(2, 2), scale=1.0)
+    assert loss.item() == pytest.approx(expected)
+    assert expected == pytest.approx(0.47911, abs=1e-5)
+
+
+def test_sentence_losses_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        cosine_similarity_loss(t(0.1, 0.2), t(1.0))
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        cosent_loss(t(0.1, 0.2), t(1.0))
+    with pytest.raises(ValueError, match=r"\(B, H\)"):
+        in_batch_negatives_loss(torch.zeros(2, 3), torch.zeros(3, 3))

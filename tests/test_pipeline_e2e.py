@@ -19,7 +19,7 @@ from conftest import copy_project
 pytestmark = pytest.mark.e2e
 
 DECODER = ["pretrain", "sft", "reward", "align", "evaluate"]
-ENCODER = ["mlm", "classify"]
+ENCODER = ["mlm", "classify", "similarity"]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,28 @@ def test_every_stage_ran_and_wrote_its_metrics(project):
             f"{key}_ci_low" in evaluation else key in evaluation
     assert (root / "reports" / "evaluation.md").read_text().startswith("# Evaluation report")
     assert (root / "artifacts" / "pretrain" / "history.csv").is_file()
+    similarity = json.loads((root / "metrics" / "similarity.json").read_text())
+    for key in ("spearman", "mlm_spearman", "tfidf_spearman", "gain_over_tfidf"):
+        assert similarity[f"{key}_ci_low"] <= similarity[key] <= similarity[f"{key}_ci_high"], key
+    assert similarity["beats_tfidf"] in (0, 1) and similarity["dev_pairs"] > 0
+    assert (root / "artifacts" / "similarity" / "report.md").read_text().startswith("# Sentence similarity")
 
 
 def test_second_run_skips_every_stage(project):
     _, _, second = project
     assert set(statuses(second).values()) == {"skipped"}
+
+
+def test_the_cli_answers_a_no_op_run_from_dvc_without_starting_prefect(project):
+    from typer.testing import CliRunner
+
+    from apps.cli import app
+
+    root, _, _ = project
+    result = CliRunner().invoke(app, ["run", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "Nothing changed since the last run" in result.output
+    assert "ran " not in result.output and "skipped" in result.output  # and no MLflow parent run (next test: 2)
 
 
 def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage(project):
@@ -90,7 +107,8 @@ def test_registry_holds_champions_with_lineage(project):
 
     root, _, _ = project
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}", f"sqlite:///{root / 'mlflow.db'}")
-    for name in ("instructflow-policy", "instructflow-reward", "instructflow-encoder", "instructflow-classifier"):
+    for name in ("instructflow-policy", "instructflow-reward", "instructflow-encoder", "instructflow-classifier",
+                 "instructflow-embedder"):
         versions = client.search_model_versions(f"name = '{name}'")
         assert len(versions) == 1, f"{name}: the second run must register nothing new"
         champion = client.get_model_version_by_alias(name, "champion")
@@ -100,6 +118,8 @@ def test_registry_holds_champions_with_lineage(project):
         assert {"run.prepare", "run.tokenizer"} <= set(tags)
     policy = client.get_model_version_by_alias("instructflow-policy", "champion")
     assert {"run.sft", "run.align", "run.evaluate", "metric.exact_match"} <= set(policy.tags)
+    embedder = client.get_model_version_by_alias("instructflow-embedder", "champion")
+    assert {"run.mlm", "run.similarity", "metric.spearman", "metric.spearman.ci_low"} <= set(embedder.tags)
 
 
 def test_changing_align_beta_invalidates_only_align(project):

@@ -12,6 +12,7 @@ from helpers_tokenizer import make_test_tokenizer
 from mlflow.tracking import MlflowClient
 
 from apps.similarity import (
+    DEFAULT_SOURCE,
     Encoder,
     embed_file,
     embed_texts,
@@ -184,3 +185,29 @@ def test_unknown_output_extension_fails_before_reading(encoder, tmp_path):
 def test_a_loaded_encoder_is_passed_through(encoder):
     assert load_encoder(encoder) is encoder and isinstance(encoder, Encoder)
     assert encoder.max_length == 64
+
+
+# --- the default source: the sentence embedder the similarity stage trained ------------------------
+
+
+def test_the_default_source_is_the_registered_sentence_embedder():
+    assert DEFAULT_SOURCE == "models:/instructflow-embedder@champion"
+
+
+@pytest.mark.parametrize("command", [["similarity", "영화 정말 재밌어요", "이 영화 최고예요"], ["embed", "in.txt", "out.jsonl"]])
+def test_the_cli_embeds_from_the_default_source_unless_told(command, monkeypatch, tmp_path):
+    """`instructflow similarity` / `embed` without --source read the registered embedder, not the masked LM."""
+    import apps.similarity as similarity_app
+    from typer.testing import CliRunner
+
+    from apps.cli import app
+
+    seen = []
+    monkeypatch.setattr(similarity_app, "sentence_similarity", lambda a, b, source, pooling: seen.append(source) or 0.5)
+    monkeypatch.setattr(similarity_app, "embed_file", lambda i, o, source, pooling, text_column: seen.append(source) or 1)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*command, "--root", str(tmp_path), "--source", "artifacts/mlm"])
+    assert result.exit_code == 0, result.output
+    assert seen == [DEFAULT_SOURCE, "artifacts/mlm"]

@@ -29,8 +29,9 @@ import tasks.sft
 import tasks.tokenizer
 from instructflow.config import load_params
 from models.decoder import build_decoder
+from models.stats import gains_from_metrics
 from models.tokenizer import IGNORE_INDEX, chat_example, encode_chat, load_tokenizer
-from tasks.runtime import seed_everything
+from tasks.runtime import read_prepared, seed_everything
 
 LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -349,11 +350,41 @@ def test_evaluate_writes_its_report_and_every_rate_lies_in_its_interval(project,
     policy_mean = sum(float(r["policy_reward"]) for r in rewards) / len(rewards)
     assert policy_mean == pytest.approx(metrics["policy_mean_reward"], abs=1e-4)
 
+    # per-stage gains: each decoder stage against its baselines, on the same items, with an interval and a verdict
+    gains = {g.id: g for g in gains_from_metrics(metrics)}
+    scored = [r for r in read_prepared(root, "sft_eval") if r.get("answer")][: params.evaluate.max_eval_rows]
+    kinds = sorted({r["task"] for r in scored})  # the kinds among the held-out synthetic tasks evaluate scores
+    expected = {"sft.exact_match.all.base", *(f"sft.exact_match.{k}.base" for k in kinds),
+                *(f"reward.accuracy.{subset}.{baseline}" for subset in ("synthetic", "real")
+                  for baseline in ("tfidf", "length")),
+                "align.win_rate.all.tie", "align.exact_match.all.sft"}
+    assert set(gains) == expected and len(kinds) >= 2
+    for g in gains.values():
+        assert g.gain == pytest.approx(g.model_value - g.baseline_value), g.id
+        assert g.ci_low <= g.gain <= g.ci_high and metrics[f"beats.{g.id}"] == float(g.ci_low > 0), g.id
+    # the base model's row is the base model's exact match; SFT's is the plain metric evaluate always reported
+    sft_base = gains["sft.exact_match.all.base"]
+    assert (sft_base.model_value, sft_base.baseline_value) == (metrics["sft_exact_match"], metrics["base_exact_match"])
+    assert sft_base.n == metrics["n_exact_match"] == sum(gains[f"sft.exact_match.{k}.base"].n for k in kinds)
+    assert gains["align.win_rate.all.tie"].model_value == metrics["win_rate"]
+    assert gains["align.win_rate.all.tie"].baseline_value == 0.5
+    assert gains["align.exact_match.all.sft"].model_value == metrics["exact_match"]
+    # reward pairs split by source: synthetic and real (the demo's HH-RLHF pairs), scored separately
+    for subset in ("synthetic", "real"):
+        tfidf, length = gains[f"reward.accuracy.{subset}.tfidf"], gains[f"reward.accuracy.{subset}.length"]
+        assert tfidf.model_value == length.model_value and tfidf.n == length.n > 0
+    assert "## Per-stage gains" in report
+    table = [line for line in report.splitlines() if line.startswith("| ") and line.endswith(("beats baseline |",
+                                                                                            "its baseline** |"))]
+    assert len(table) == len(gains)
+    assert any(line.startswith("| reward | accuracy (real) |") and "| TF-IDF " in line for line in table)
+
 
 @pytest.fixture(scope="module")
 def self_evaluation(project, reward_run, tmp_path_factory):
     """evaluate where the aligned policy IS the SFT model (artifacts/sft copied to artifacts/align)."""
-    root = fork(project.root, tmp_path_factory.mktemp("self"), "data/prepared", "artifacts/sft", "artifacts/reward")
+    root = fork(project.root, tmp_path_factory.mktemp("self"), "data/prepared", "artifacts/sft", "artifacts/reward",
+                "artifacts/pretrain")
     shutil.copytree(project.root / "artifacts" / "sft", root / "artifacts" / "align")
     return evaluate_in(root, project.params)
 
@@ -369,3 +400,11 @@ def test_a_policy_that_is_the_sft_model_has_no_kl_to_it(self_evaluation):
 def test_a_policy_that_is_the_sft_model_wins_half(self_evaluation):
     # every prompt ties (the same model, the same samples, the same rewards): ties count half
     assert self_evaluation["win_rate"] == 0.5
+
+
+def test_a_policy_that_is_the_sft_model_does_not_beat_it(self_evaluation):
+    # align gained nothing: both of its gains are exactly 0 with a point interval, and it is flagged
+    gains = {g.id: g for g in gains_from_metrics(self_evaluation)}
+    for gid in ("align.win_rate.all.tie", "align.exact_match.all.sft"):
+        assert (gains[gid].gain, gains[gid].ci_low, gains[gid].ci_high) == (0.0, 0.0, 0.0), gid
+        assert self_evaluation[f"beats.{gid}"] == 0.0
