@@ -202,6 +202,8 @@ def main() -> int:
         code, wall2, output2 = run_pipeline(cmd, project, env, scratch / "run-2.log", args.echo)
         statuses = stage_results(output2)
         summary = ", ".join(f"{s} {status}" for s, (status, _) in statuses.items())
+        if "Nothing changed since the last run" in output2:  # the CLI answered from DVC; no flow ran
+            summary = "DVC found every stage up to date; no flow run was started"
         print(f"second run (nothing changed): {wall2:.1f}s wall, exit {code}; {summary}")
         not_skipped = [s for s, (status, _) in statuses.items() if status not in {"skipped", "off"}]
         if not_skipped:
