@@ -36,9 +36,10 @@ class SyntheticConfig(Section):
 
 
 class SourceConfig(Section):
-    path: str = Field(description="data file, relative to the project root")
+    path: str = Field(description="data file or folder (its supported files), relative to the project root")
     role: Literal["pretrain", "sft", "preference", "unpaired"] = Field(description="what the rows are for")
-    format: Literal["auto", "text", "jsonl", "csv", "tsv"] = Field("auto", description="file format; auto: by extension")
+    format: Literal["auto", "text", "jsonl", "json", "csv", "tsv"] = Field(
+        "auto", description="file format; auto: by extension (json: an array of records, or JSON lines)")
     columns: dict[str, str] = Field({}, description="canonical field -> column name, for CSV/TSV/JSONL with other names")
     group_rows: int = Field(1, ge=1, description="pretrain: join this many short rows into one document")
     skip_invalid: bool = Field(False, description="skip (and count) invalid rows instead of failing the stage")
@@ -51,6 +52,8 @@ class PrepareConfig(Section):
     max_sft_rows: int | None = Field(None, ge=1, description="cap on non-synthetic SFT rows")
     max_preference_rows: int | None = Field(None, ge=1, description="cap on non-synthetic preference pairs")
     max_prompt_rows: int | None = Field(None, ge=1, description="cap on real prompts sampled at evaluation")
+    max_chars: int | None = Field(None, ge=1, description="refuse any row (a plain-text line) longer than this many "
+                                                          "characters, naming its file and line (null: no bound)")
     synthetic: SyntheticConfig = SyntheticConfig()
     sources: list[SourceConfig] = Field([], description="user data files added to the demo data")
 
@@ -112,7 +115,8 @@ class LoraConfig(Section):
 class SFTConfig(TrainConfig):
     method: Literal["full", "lora"] = Field("full", description="full fine-tuning or LoRA adapters (merged before saving)")
     lora: LoraConfig = LoraConfig()
-    max_length: int = Field(256, ge=16, description="prompt + response tokens; longer rows are truncated from the left")
+    max_length: int = Field(256, ge=16, description="prompt + response tokens; a longer row keeps its prompt and "
+                                                    "loses the response's end (dropped when the prompt fills it)")
     lr: float = Field(5e-4, gt=0, le=1)
 
 

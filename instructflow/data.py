@@ -1,11 +1,11 @@
 """The data layer of `prepare`: read the formats people already have, validate every row, and turn
 each into the canonical records the later stages read.
 
-One code path for the demo data and user files: a `Source` names a file, what its rows are for
-(`role`) and, where its names differ, which column holds which canonical field. The file format
-comes from the extension (or is named); the record schema from the keys of the first row. Every
-bad row raises a DataError naming the file, the 1-based line and the field, so a user can fix it
-before any training starts.
+One code path for the demo data and user files: a `Source` names a file (or a folder of files), what
+its rows are for (`role`) and, where its names differ, which column holds which canonical field. The
+file format comes from the extension (or is named); the record schema from the keys of the first row.
+Every bad row raises a DataError naming the file, the 1-based line (and, in a JSON array, the element)
+and the field, so a user can fix it before any training starts.
 
 Canonical records (one JSON object per line in the prepared files):
     pretrain    {"text", "source"}
@@ -22,18 +22,21 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from instructflow.errors import ConfigError, DataError
 
+log = logging.getLogger("instructflow")
+
 ROLES = ("pretrain", "sft", "preference", "unpaired", "prompts")
-FORMATS = ("text", "jsonl", "csv", "tsv")
-EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+FORMATS = ("text", "jsonl", "json", "csv", "tsv")  # json: an array of records (or JSON lines; both are read)
+EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 CHAT_ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 HH_SPEAKERS = {"Human": "user", "Assistant": "assistant"}
@@ -82,6 +85,7 @@ class Source:
     chunk_chars: int = 2000  # pretrain from plain text: paragraphs packed into documents of up to this many chars
     skip_invalid: bool = False  # drop bad rows (counted in stats) instead of failing: only for known-quirky data
     name: str = ""  # the `source` label in the outputs; default: the file name
+    max_chars: int | None = None  # refuse a row (a plain-text line) with more characters than this (prepare.max_chars)
 
     @property
     def label(self) -> str:
@@ -104,9 +108,10 @@ class _At:
 
     path: Path
     line: int | None
+    element: int | None = None  # the 0-based index in a JSON array
 
     def error(self, field_name: str | None, message: str) -> DataError:
-        return DataError(self.path, message, line=self.line, field=field_name)
+        return DataError(self.path, message, line=self.line, field=field_name, element=self.element)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -149,33 +154,138 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON lines file."""
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str, first: Any, second: Any):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook: an object, or _DuplicateKey where a key appears twice (json keeps the last)."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key, obj[key], value)
+        obj[key] = value
+    return obj
+
+
+def _short(value: Any) -> str:
+    shown = json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _duplicate_error(at: _At, e: _DuplicateKey) -> DataError:
+    return at.error(e.key, f"duplicate key: it appears twice in one object (first {_short(e.first)}, then "
+                           f"{_short(e.second)}); expected each key once")
+
+
+def _json_row(at: _At, raw: str, row: Any) -> dict:
+    """A parsed row checked: an object whose text has no undecodable bytes."""
+    if not isinstance(row, dict):
+        raise at.error(None, f"expected a JSON object, got {_type(row)}")
+    if BAD_BYTE.search(raw):
+        key = next(k for k, v in row.items() if BAD_BYTE.search(k + json.dumps(v, ensure_ascii=False)))
+        raise _bad_byte_error(at, raw, key)
+    return row
+
+
+def _is_array(lines: list[str]) -> bool:
+    """Whether a JSON file is one array (pretty-printed or on one line) rather than JSON lines."""
+    filled = [line for line in lines if line.strip()]
+    if not filled or not filled[0].lstrip().startswith("["):
+        return False
+    return len(filled) == 1 or not _is_json(filled[0])  # several lines each a complete list: JSON lines of lists
+
+
+def _rows_json(path: Path, text: str) -> Iterator[tuple[_At, dict]]:
+    """(where, object) for each record of a JSON lines file or of a JSON array of objects (Alpaca's own format)."""
     lines = _lines(text)
-    first = next((line for line in lines if line.strip()), "")
-    if first.lstrip().startswith("[") and not _is_json(first):  # a pretty-printed array, not one object a line
-        raise DataError(path, "is a JSON array; expected JSON lines (one object per line): "
-                              "convert it with  jq -c '.[]' FILE > FILE.jsonl", line=1)
+    if _is_array(lines):
+        yield from _rows_json_array(path, text)
+        return
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         at = _At(path, number)
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise _duplicate_error(at, e) from None
         except json.JSONDecodeError as e:
             if BAD_BYTE.search(line):
                 raise _bad_byte_error(at, line) from None
             raise at.error(None, f"malformed JSON at column {e.colno}: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise at.error(None, f"expected a JSON object, got {_type(row)}")
-        if BAD_BYTE.search(line):
-            key = next(k for k, v in row.items() if BAD_BYTE.search(k + json.dumps(v, ensure_ascii=False)))
-            raise _bad_byte_error(at, line, key)
-        yield number, row
+        yield at, _json_row(at, line, row)
 
 
-def iter_csv(path: Path, text: str, delimiter: str = ",") -> Iterator[tuple[int, dict]]:
-    """(line number, {column: cell}) for each row after the header; TSV cells are unquoted, as in NSMC."""
+def _rows_json_array(path: Path, text: str) -> Iterator[tuple[_At, dict]]:
+    """The elements of a JSON array one at a time, each with its index and the line it starts on."""
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    space = re.compile(r"\s*")
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    pos = space.match(text, 0).end() + 1  # past the "["
+    pos = space.match(text, pos).end()
+    index = 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            at = _At(path, line_at(pos), index)
+            if pos >= len(text):
+                raise at.error(None, "the array is not closed: expected an element and ']' at the end of the file")
+            try:
+                row, end = decoder.raw_decode(text, pos)
+            except _DuplicateKey as e:
+                raise _duplicate_error(at, e) from None
+            except json.JSONDecodeError as e:
+                if BAD_BYTE.search(text, pos, e.pos + 1):
+                    raise _bad_byte_error(_At(path, e.lineno, index), text[pos:e.pos + 1]) from None
+                raise DataError(path, f"malformed JSON at column {e.colno}: {e.msg}", line=e.lineno,
+                                element=index) from None
+            yield at, _json_row(at, text[pos:end], row)
+            pos = space.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = space.match(text, pos + 1).end()
+                if text.startswith("]", pos):
+                    raise DataError(path, f"a comma after the last array element [{index}]; JSON allows none "
+                                          f"before ']'", line=line_at(pos))
+                index += 1
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            raise DataError(path, f"malformed JSON after array element [{index}]: expected ',' or ']'",
+                            line=line_at(pos))
+    pos = space.match(text, pos).end()
+    if pos < len(text):
+        raise DataError(path, "has more text after the closing ']' of the array; expected one array of objects",
+                        line=line_at(pos))
+
+
+def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON lines file, or each element of a JSON array.
+
+    A key twice in one object is an error (json alone would keep the last value silently).
+    """
+    for at, row in _rows_json(path, text):
+        yield at.line, row
+
+
+def iter_csv(path: Path, text: str, delimiter: str = ",",
+             columns: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, {column: cell}) for each row after the header; TSV cells are unquoted, as in NSMC.
+
+    A header naming a column twice is an error, and so is a `columns` mapping (canonical field -> column)
+    naming a column the header does not have.
+    """
     kind, quoting = ("TSV", csv.QUOTE_NONE) if delimiter == "\t" else ("CSV", csv.QUOTE_MINIMAL)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     header: list[str] | None = None
@@ -194,6 +304,17 @@ def iter_csv(path: Path, text: str, delimiter: str = ",") -> Iterator[tuple[int,
             header = [cell.strip() for cell in cells]
             if any(BAD_BYTE.search(cell) for cell in header):
                 raise _bad_byte_error(at, "".join(header))
+            twice = sorted({cell for cell in header if header.count(cell) > 1})
+            if twice:
+                raise at.error(twice[0], f"the header names column {twice[0]!r} {header.count(twice[0])} times; "
+                                         f"expected each column once (header: {', '.join(header)})")
+            absent = {field_name: column for field_name, column in (columns or {}).items() if column not in header}
+            if absent:
+                mapping = ", ".join(f"{field_name}: {column}" for field_name, column in absent.items())
+                names = ", ".join(repr(column) for column in absent.values())
+                plural = "s" * (len(absent) > 1)
+                raise at.error(None, f"`columns` maps {{{mapping}}} but the header has no column{plural} {names}; "
+                                     f"the file's columns are: {', '.join(header)}")
             continue
         if len(cells) != len(header):
             raise at.error(None, f"has {len(cells)} columns but the header has {len(header)} ({', '.join(header)})")
@@ -487,16 +608,86 @@ def _in_file_terms(error: DataError, columns: dict[str, str]) -> DataError:
     root = re.match(r"[^\[.]+", error.field)[0]
     if root not in columns:
         return error
-    return DataError(error.path, error.reason, line=error.line, field=columns[root] + error.field[len(root):])
+    return DataError(error.path, error.reason, line=error.line, field=columns[root] + error.field[len(root):],
+                     element=error.element)
+
+
+def _row_schema(at: _At, raw: dict, row: dict, source: Source) -> str:
+    """The schema of the first row; when none matches and `columns` names keys the row lacks, say so."""
+    try:
+        return _schema(at, row, source.role)
+    except DataError:
+        absent = {f: c for f, c in source.columns.items() if c not in raw}
+        if not absent:
+            raise
+        mapping = ", ".join(f"{f}: {c}" for f, c in absent.items())
+        raise at.error(None, f"`columns` maps {{{mapping}}} but the row has no key{'s' * (len(absent) > 1)} "
+                             f"{', '.join(repr(c) for c in absent.values())}; its keys are: "
+                             f"{', '.join(raw)}") from None
+
+
+def _chars(value: Any) -> int:
+    """Characters of text in a row: every string in it, at any depth (keys not counted)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
+def _check_length(at: _At, row: dict, max_chars: int | None) -> None:
+    """A row longer than prepare.max_chars is refused, naming its longest field and its length."""
+    if max_chars is None:
+        return
+    total = _chars(row)
+    if total > max_chars:
+        longest = max(row, key=lambda k: _chars(row[k]))
+        raise at.error(longest, f"the row has {total:,} characters ({_chars(row[longest]):,} in this field), more "
+                                f"than prepare.max_chars = {max_chars:,}; shorten or split it, or raise the bound")
+
+
+def folder_files(folder: Path, fmt: str = "auto") -> list[Path]:
+    """The files a folder source reads: its supported files (any file when the format is named), by name.
+
+    Not recursive; hidden files (a leading '.') are skipped, and so, with a warning, are files of other types.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if fmt != "auto":
+        return files
+    other = [p.name for p in files if p.suffix.lower() not in EXTENSIONS]
+    if other:
+        log.warning("%s: skipping %d file(s) of no supported type: %s", folder, len(other), ", ".join(other[:5]))
+    return [p for p in files if p.suffix.lower() in EXTENSIONS]
+
+
+def _load_folder(source: Source) -> Loaded:
+    """A folder source: each of its files read as the source says, in name order, as one source."""
+    folder = Path(source.path)
+    files = folder_files(folder, source.format)
+    if not files:
+        held = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir())
+        raise DataError(folder, f"is a folder with no {'files' if source.format != 'auto' else 'supported files'} "
+                                f"(it holds {', '.join(held[:10]) or 'nothing'}{', ...' * (len(held) > 10)}; "
+                                f"subfolders are not read); expected files ending in {', '.join(EXTENSIONS)}")
+    parts = [load_source(replace(source, path=file, name=source.label)) for file in files]
+    return Loaded(source, [r for part in parts for r in part.records], sum(part.rows for part in parts),
+                  [error for part in parts for error in part.skipped])
 
 
 def load_source(source: Source) -> Loaded:
-    """Read, validate and convert one source file; raises DataError on the first bad row unless skip_invalid."""
+    """Read, validate and convert one source file (or every supported file of a folder); raises DataError on
+    the first bad row unless skip_invalid."""
     path = Path(source.path)
     if source.role not in ROLES:
         raise ConfigError(f"source {path}: unknown role {source.role!r}; expected one of {', '.join(ROLES)}")
-    if not path.is_file():
+    if path.is_dir():
+        return _load_folder(source)
+    if not path.exists():
         raise DataError(path, "file not found")
+    if not path.is_file():
+        raise DataError(path, "is not a regular file or folder; expected a data file")
     fmt = detect_format(path, source.format)
     text = read_text(path)
     label = source.label
@@ -507,21 +698,29 @@ def load_source(source: Source) -> Loaded:
         for number, line in enumerate(_lines(text), 1):
             if BAD_BYTE.search(line):
                 raise _bad_byte_error(_At(path, number), line)
+            if source.max_chars is not None and len(line) > source.max_chars:
+                raise DataError(path, f"the line has {len(line):,} characters, more than prepare.max_chars = "
+                                      f"{source.max_chars:,}; shorten or split it, or raise the bound", line=number)
         documents = text_documents(text, source.chunk_chars)
         if not documents:
             raise DataError(path, "has no text; expected at least one non-blank paragraph")
         return Loaded(source, [{"text": doc, "source": label} for doc in documents], len(documents), [])
 
-    rows = iter_jsonl(path, text) if fmt == "jsonl" else iter_csv(path, text, "," if fmt == "csv" else "\t")
+    if fmt in ("jsonl", "json"):
+        rows = _rows_json(path, text)
+    else:
+        csv_rows = iter_csv(path, text, "," if fmt == "csv" else "\t", source.columns)
+        rows = ((_At(path, number), row) for number, row in csv_rows)
     records: list[dict] = []
     skipped: list[str] = []
     schema = None
     count = 0
-    for number, raw in rows:
+    for at, raw in rows:
         count += 1
-        row, at = _mapped(raw, source.columns), _At(path, number)
+        row = _mapped(raw, source.columns)
         try:
-            schema = schema or _schema(at, row, source.role)
+            _check_length(at, raw, source.max_chars)
+            schema = schema or _row_schema(at, raw, row, source)
             records += convert(at, row, schema, source.role)
         except DataError as e:
             error = _in_file_terms(e, source.columns)

@@ -11,7 +11,7 @@ the <|eos|> after it; a test checks its ids equal the template's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -115,29 +115,46 @@ def encode_response(tok: PreTrainedTokenizerFast, response: str) -> list[int]:
     return _ids(tok, response) + [tok.eos_token_id]
 
 
-def truncate_left(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Keep the last max_length tokens (the response end), keeping <|bos|> first."""
-    if len(ids) <= max_length:
-        return ids, labels
-    cut = len(ids) - (max_length - 1)
-    return ids[:1] + ids[cut:], labels[:1] + labels[cut:]
+def truncate_right(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Keep the first max_length tokens: <|bos|> and the prompt stay whole, the response loses its end."""
+    return ids[:max_length], labels[:max_length]
 
 
 def chat_example(tok: PreTrainedTokenizerFast, messages: Sequence[dict], max_length: int,
-                 train_on: str = "all_assistant") -> dict | None:
-    """{input_ids, labels} of a conversation cut to max_length, or None when no response token is left."""
-    ids, labels = truncate_left(*encode_chat(tok, messages, train_on=train_on), max_length)
+                 train_on: str = "all_assistant", counts: MutableMapping[str, int] | None = None) -> dict | None:
+    """{input_ids, labels} of a conversation cut to max_length, or None (dropped) when no response token fits.
+
+    A conversation longer than max_length keeps its start: <|bos|>, the prompt and the turns before the trained
+    response stay whole and the response is cut at its end (so it has no <|eos|>); later turns go. When the prompt
+    alone leaves no room for a response token the example is dropped. `counts` (a Counter, say) gets "truncated"
+    (a trained token was cut) or "dropped" added, for the stage's log and metrics.
+    """
+    full_ids, full_labels = encode_chat(tok, messages, train_on=train_on)
+    ids, labels = truncate_right(full_ids, full_labels, max_length)
     if all(label == IGNORE_INDEX for label in labels):
+        if counts is not None:
+            counts["dropped"] = counts.get("dropped", 0) + 1
         return None
+    if counts is not None and any(label != IGNORE_INDEX for label in full_labels[max_length:]):
+        counts["truncated"] = counts.get("truncated", 0) + 1
     return {"input_ids": ids, "labels": labels}
 
 
-def preference_example(tok: PreTrainedTokenizerFast, row: dict, max_length: int) -> dict | None:
-    """{chosen, rejected}: the prompt followed by each response, labels on the response and its <|eos|> only."""
-    pair = {}
+def preference_example(tok: PreTrainedTokenizerFast, row: dict, max_length: int,
+                       counts: MutableMapping[str, int] | None = None) -> dict | None:
+    """{chosen, rejected}: the prompt followed by each response, labels on the response and its <|eos|> only.
+
+    Cut as chat_example cuts: the prompt is kept and a response truncated; None (dropped) when the prompt leaves
+    no room for a response token. `counts` gets "truncated" (either response was cut) or "dropped" added once.
+    """
+    pair, sides = {}, {}
     for side in ("chosen", "rejected"):
         messages = [*row["prompt"], {"role": "assistant", "content": row[side]}]
-        pair[side] = chat_example(tok, messages, max_length, train_on="last_assistant")
+        pair[side] = chat_example(tok, messages, max_length, train_on="last_assistant", counts=sides)
         if pair[side] is None:
-            return None
-    return pair
+            break
+    if counts is not None:
+        outcome = "dropped" if sides.get("dropped") else "truncated" if sides.get("truncated") else None
+        if outcome:
+            counts[outcome] = counts.get(outcome, 0) + 1
+    return None if sides.get("dropped") else pair

@@ -26,6 +26,8 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
+from instructflow.errors import NonFiniteError
+
 log = logging.getLogger("instructflow")
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float], int]]
@@ -45,6 +47,7 @@ class LoopSettings:
     eval_steps: int = 50
     save_steps: int | None = None
     seed: int = 0
+    knobs: str = ""  # what feeds the loss, for the user (e.g. "align.lr=5e-05, align.beta=0.1"); empty: lr, max_grad_norm
 
     @classmethod
     def from_config(cls, cfg, seed: int, **extra) -> "LoopSettings":
@@ -201,11 +204,11 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
             batch = to_device(collate([dataset[i] for i in index]), accel.device)
             with accel.accumulate(model):
                 loss, metrics, n_tokens = step_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
+                _check_finite(settings, step + 1, {"loss": float(loss.detach()), **metrics})
                 accel.backward(loss)
                 if accel.sync_gradients:
                     grad_norm = float(accel.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
+                    _check_finite(settings, step + 1, {"grad norm": grad_norm})
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -242,6 +245,14 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
         epoch, skip = epoch + 1, 0
     model.eval()
     return history
+
+
+def _check_finite(settings: LoopSettings, step: int, values: dict[str, float]) -> None:
+    """Stop with a NonFiniteError naming the step (1-based, as logged), the value and the knobs that feed it."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            knobs = settings.knobs or f"lr={settings.lr:g}, max_grad_norm={settings.max_grad_norm:g}"
+            raise NonFiniteError(step, settings.max_steps, name, value, knobs)
 
 
 def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str) -> None:

@@ -7,6 +7,7 @@ computed once before training (the reference never changes), so only the policy 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from models.decoder import collate_pairs
 from models.losses import dpo_loss, sequence_logprobs
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, for_inference, rows_trained, to_device, train
-from tasks.reward import pair_lengths, preference_set
+from tasks.reward import cut_metrics, pair_lengths, preference_set
 from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
 from tasks.tracking import StageRun
 
@@ -45,6 +46,12 @@ def add_reference_logps(ref_model, pairs: list[dict], collate, batch_size: int) 
     return out
 
 
+def loop_knobs(cfg) -> str:
+    """The knobs that feed the DPO loss and its rewards, named in a non-finite error (models.training)."""
+    return (f"align.beta={cfg.beta:g}, align.loss_type={cfg.loss_type}, align.lr={cfg.lr:g}, "
+            f"align.max_grad_norm={cfg.max_grad_norm:g}")
+
+
 def make_step(cfg):
     def dpo_step(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
         chosen, rejected, chosen_len, rejected_len = pair_logps(model, batch)
@@ -66,9 +73,12 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     source = root / "artifacts" / "sft"
     tok = load_tokenizer(source)
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
-    train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train")
-    eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval")
-    settings = LoopSettings.from_config(cfg, params.seed)
+    cut = {"train": Counter(), "eval": Counter()}
+    train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train",
+                               cut["train"])
+    eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval",
+                              cut["eval"])
+    settings = LoopSettings.from_config(cfg, params.seed, knobs=loop_knobs(cfg))
     lengths = pair_lengths(train_set)
     # the frozen reference's log-probs, once, for the pairs training will draw in max_steps steps and for every
     # held-out pair; a pair never drawn keeps no reference value (its collate would fail loudly, not silently)
@@ -98,6 +108,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     metrics = final_metrics(history, ("loss", "reward_accuracy", "eval_loss", "eval_reward_accuracy",
                                       "eval_reward_margin", "tokens_per_sec"))
     metrics.update(train_pairs=len(train_set), pairs_drawn=len(used), eval_pairs=len(eval_set))
+    metrics.update(cut_metrics(cut))
     return metrics
 
 

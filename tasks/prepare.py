@@ -54,8 +54,11 @@ def demo_sources(raw_dir: Path) -> list[Source]:
     ]
 
 
-def user_source(cfg_source: Any, root: Path) -> Source:
-    """A `prepare.sources` entry as a Source; a relative path is relative to the project root."""
+def user_source(cfg_source: Any, root: Path, max_chars: int | None = None) -> Source:
+    """A `prepare.sources` entry as a Source; a relative path is relative to the project root.
+
+    max_chars (prepare.max_chars) bounds the rows of user files; the demo data is pinned (data/raw/SHA256SUMS).
+    """
     path = Path(cfg_source.path)
     return Source(
         path=path if path.is_absolute() else root / path,
@@ -64,6 +67,7 @@ def user_source(cfg_source: Any, root: Path) -> Source:
         columns=dict(getattr(cfg_source, "columns", None) or {}),
         group_rows=getattr(cfg_source, "group_rows", 1),
         skip_invalid=getattr(cfg_source, "skip_invalid", False),
+        max_chars=max_chars,
     )
 
 
@@ -79,7 +83,8 @@ def build(cfg: Any, seed: int, raw_dir: Path, out_dir: Path) -> dict:
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     root = raw_dir.parent.parent
-    sources = (demo_sources(raw_dir) if cfg.demo else []) + [user_source(s, root) for s in cfg.sources]
+    max_chars = getattr(cfg, "max_chars", None)
+    sources = (demo_sources(raw_dir) if cfg.demo else []) + [user_source(s, root, max_chars) for s in cfg.sources]
     loaded: list[Loaded] = [load_source(source) for source in sources]
     for item in loaded:
         log.info("read %s as %s: %d rows -> %d records%s", item.source.path.name, item.source.role, item.rows,

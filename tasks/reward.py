@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -20,16 +21,24 @@ from tasks.tracking import StageRun
 log = logging.getLogger("instructflow")
 
 
-def preference_set(tok, rows: list[dict], max_length: int, name: str) -> list[dict]:
-    """Pairs as {chosen, rejected} token examples; pairs whose response is cut away entirely are dropped."""
-    pairs = [preference_example(tok, row, max_length) for row in rows]
-    if dropped := sum(p is None for p in pairs):
-        log.warning("%s: %d of %d pairs have no response left within max_length %d: dropped",
-                    name, dropped, len(rows), max_length)
+def preference_set(tok, rows: list[dict], max_length: int, name: str, counts: Counter | None = None) -> list[dict]:
+    """Pairs as {chosen, rejected} token examples, cut to max_length as preference_example says: the prompt is
+    kept and a response truncated, or the pair dropped when its prompt leaves no room; counted and logged."""
+    counts = Counter() if counts is None else counts
+    pairs = [preference_example(tok, row, max_length, counts=counts) for row in rows]
+    if counts["truncated"] or counts["dropped"]:
+        log.warning("%s: %d of %d pairs are longer than max_length %d: %d kept with a response truncated, "
+                    "%d dropped (the prompt alone fills max_length)", name, counts["truncated"] + counts["dropped"],
+                    len(rows), max_length, counts["truncated"], counts["dropped"])
     kept = [p for p in pairs if p is not None]
     if not kept:
         raise InstructflowError(f"{name}: no preference pair fits max_length {max_length}")
     return kept
+
+
+def cut_metrics(cut: dict[str, Counter]) -> dict[str, int]:
+    """{train,eval}_pairs_{truncated,dropped}: the pairs cut to max_length, for the stage's metrics."""
+    return {f"{part}_pairs_{what}": counter[what] for part, counter in cut.items() for what in ("truncated", "dropped")}
 
 
 def pair_lengths(pairs: list[dict]) -> list[int]:
@@ -69,18 +78,24 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     source = root / "artifacts" / "sft"
     tok = load_tokenizer(source)
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, pad_token_id=tok.pad_token_id)
-    train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train")
-    eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval")
+    cut = {"train": Counter(), "eval": Counter()}
+    train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train",
+                               cut["train"])
+    eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval",
+                              cut["eval"])
     log.info("reward model: %d train / %d eval pairs", len(train_set), len(eval_set))
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
     eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
-    history = train(model, train_set, collate, reward_step, LoopSettings.from_config(cfg, params.seed),
+    settings = LoopSettings.from_config(cfg, params.seed,
+                                        knobs=f"reward.lr={cfg.lr:g}, reward.max_grad_norm={cfg.max_grad_norm:g}")
+    history = train(model, train_set, collate, reward_step, settings,
                     eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step,
                     lengths=pair_lengths(train_set))
     with stage_output(root, "reward", run, model=model, tokenizer=tok, history=history):
         pass
     metrics = final_metrics(history, ("loss", "accuracy", "eval_loss", "eval_accuracy", "tokens_per_sec"))
     metrics.update(train_pairs=len(train_set), eval_pairs=len(eval_set))
+    metrics.update(cut_metrics(cut))
     return metrics
 
 

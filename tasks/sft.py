@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -17,12 +18,17 @@ from models.training import LoopSettings, perplexity, train
 log = logging.getLogger("instructflow")
 
 
-def sft_examples(tok, rows: list[dict], max_length: int) -> list[dict]:
-    """Chat rows -> {input_ids, labels}; rows whose responses are cut away entirely are dropped."""
-    examples = [chat_example(tok, row["messages"], max_length) for row in rows]
-    if dropped := sum(e is None for e in examples):
-        log.warning("%d of %d conversations have no response left within max_length %d: dropped",
-                    dropped, len(rows), max_length)
+def sft_examples(tok, rows: list[dict], max_length: int, name: str = "sft",
+                 counts: Counter | None = None) -> list[dict]:
+    """Chat rows -> {input_ids, labels}, cut to max_length as chat_example says: the prompt is kept and the
+    response truncated, or the row dropped when its prompt leaves no room; both counted in `counts` and logged."""
+    counts = Counter() if counts is None else counts
+    examples = [chat_example(tok, row["messages"], max_length, counts=counts) for row in rows]
+    if counts["truncated"] or counts["dropped"]:
+        log.warning("%s: %d of %d conversations are longer than sft.max_length %d: %d kept with the response "
+                    "truncated, %d dropped (the prompt alone fills max_length)", name,
+                    counts["truncated"] + counts["dropped"], len(rows), max_length, counts["truncated"],
+                    counts["dropped"])
     return [e for e in examples if e is not None]
 
 
@@ -41,8 +47,9 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     source = root / "artifacts" / "pretrain"
     tok = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source)
-    train_set = sft_examples(tok, read_prepared(root, "sft_train"), cfg.max_length)
-    eval_set = sft_examples(tok, read_prepared(root, "sft_eval"), cfg.max_length)
+    cut = {"train": Counter(), "eval": Counter()}
+    train_set = sft_examples(tok, read_prepared(root, "sft_train"), cfg.max_length, "sft_train", cut["train"])
+    eval_set = sft_examples(tok, read_prepared(root, "sft_eval"), cfg.max_length, "sft_eval", cut["eval"])
     if not train_set or not eval_set:
         raise InstructflowError(f"no SFT rows fit max_length {cfg.max_length}: raise sft.max_length")
     if cfg.method == "lora":
@@ -52,7 +59,9 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
              cfg.method, len(train_set), len(eval_set), trainable)
     collate = partial(collate_lm, pad_id=tok.pad_token_id)
     eval_batches = [collate(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
-    history = train(model, train_set, collate, lm_step, LoopSettings.from_config(cfg, params.seed),
+    settings = LoopSettings.from_config(cfg, params.seed, knobs=f"sft.lr={cfg.lr:g}, sft.max_grad_norm="
+                                        f"{cfg.max_grad_norm:g}, sft.method={cfg.method}")
+    history = train(model, train_set, collate, lm_step, settings,
                     eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)}, on_log=run.log_step)
     # not length-grouped (train(lengths=...)): measured on tiny, it halves the SFT time but exact match on the
     # held-out synthetic tasks fell from 0.135 to 0.04 (short synthetic rows then share batches only with each other)
@@ -64,6 +73,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     metrics["trainable_params"] = trainable
     metrics["train_rows"] = len(train_set)
+    metrics.update({f"{part}_rows_{what}": counter[what] for part, counter in cut.items()
+                    for what in ("truncated", "dropped")})
     return metrics
 
 

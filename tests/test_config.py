@@ -67,6 +67,13 @@ def test_out_of_range_value_says_the_bound(tmp_path):
     assert "sft.lr = 0: Input should be greater than 0" in error_of(path)
 
 
+def test_prepare_max_chars_is_null_or_a_positive_bound(tmp_path):
+    assert load_params(PARAMS).prepare.max_chars is None  # no bound unless asked
+    assert load_params(PARAMS, overrides=["prepare.max_chars=20000"]).prepare.max_chars == 20_000
+    assert "prepare.max_chars = 0: Input should be greater than or equal to 1" in error_of(
+        write(tmp_path, "prepare:\n  max_chars: 0\n"))
+
+
 def test_bad_preset_lists_the_presets(tmp_path):
     path = write(tmp_path, "seed: 1\npreset: huge\n")
 

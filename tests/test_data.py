@@ -168,8 +168,8 @@ ERRORS = [
      1, "messages", "must end with an assistant turn"),
     ("label_not_boolean", "u.jsonl", jsonl({"prompt": "Q", "completion": "A", "label": "maybe"}), "unpaired", {}, 1,
      "label", "boolean"),
-    ("mapped_column_missing", "qa.csv", "Q,B\nhi,there\n", "sft", {"prompt": "Q", "completion": "A"}, 2, "A",
-     "missing"),
+    ("mapped_column_missing", "qa.csv", "Q,B\nhi,there\n", "sft", {"prompt": "Q", "completion": "A"}, 1, None,
+     "`columns` maps {completion: A} but the header has no column 'A'; the file's columns are: Q, B"),
     ("ranked_ties", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b", "a"]}), "preference", {}, 1,
      "responses[2]", "same as 'responses[0]'"),
     ("hh_prefix_differs", "hh.jsonl", jsonl({"chosen": "\n\nHuman: A\n\nAssistant: x",
@@ -220,6 +220,156 @@ def test_skip_invalid_drops_bad_rows_and_reports_them(tmp_path):
     loaded = load_source(Source(path, "preference", skip_invalid=True))
     assert [r["rejected"] for r in loaded.records] == ["b"]
     assert loaded.rows == 2 and len(loaded.skipped) == 1 and "line 1" in loaded.skipped[0]
+
+
+# ------------------------------------------------------------------- JSON arrays, folders, keys, lengths
+ALPACA = [{"instruction": "Say hello.", "input": "", "output": "Hello!"},
+          {"instruction": "Add the numbers.", "input": "2 3", "output": "5"}]
+
+
+def test_alpacas_own_json_array_is_read_pretty_printed_or_on_one_line(tmp_path):
+    expected = [[user("Say hello."), assistant("Hello!")], [user("Add the numbers.\n\n2 3"), assistant("5")]]
+    for name, text in [("alpaca_data.json", json.dumps(ALPACA, indent=4)), ("one_line.json", json.dumps(ALPACA)),
+                       ("named.jsonl", json.dumps(ALPACA, indent=2))]:  # an array in a .jsonl file is read too
+        path = write(tmp_path, name, text)
+        assert [r["messages"] for r in records(path, "sft")] == expected, name
+    pairs = [{"prompt": "Q", "chosen": "good", "rejected": "bad"}]  # any row shape, any role
+    assert records(write(tmp_path, "p.json", json.dumps(pairs, indent=1)), "preference")[0]["chosen"] == "good"
+    assert load_source(Source(write(tmp_path, "a.json", json.dumps(ALPACA, indent=2)), "sft")).rows == 2
+
+
+def test_json_lines_in_a_json_file_are_still_json_lines(tmp_path):
+    path = write(tmp_path, "rows.json", jsonl(*ALPACA))
+    assert len(records(path, "sft")) == 2
+
+
+ARRAY_ERRORS = [
+    # name, content, line, element, field, message after "file, line N (array element [i])[, field 'f']: "
+    ("not_an_object", '[\n  {"instruction": "a", "output": "b"},\n  7,\n  {"instruction": "c", "output": "d"}\n]\n',
+     3, 1, None, "expected a JSON object, got a number"),
+    ("empty_output", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c",\n   "output": " "}\n]\n',
+     3, 1, "output", "is empty; expected a non-empty string"),
+    ("malformed", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n',
+     3, 1, None, "malformed JSON at column 23: Expecting ',' delimiter"),
+    ("duplicate_key", '[\n  {"instruction": "a", "output": "b",\n   "output": "c"}\n]\n',
+     2, 0, "output", 'duplicate key: it appears twice in one object (first "b", then "c"); expected each key once'),
+    ("not_closed", '[\n  {"instruction": "a", "output": "b"},\n', 3, 1, None,
+     "the array is not closed: expected an element and ']' at the end of the file"),
+]
+
+
+@pytest.mark.parametrize("name,content,line,element,field,message", ARRAY_ERRORS, ids=[e[0] for e in ARRAY_ERRORS])
+def test_a_bad_array_element_is_named_by_its_index_and_line(tmp_path, name, content, line, element, field, message):
+    path = write(tmp_path, "alpaca.json", content)
+    with pytest.raises(DataError) as caught:
+        load_source(Source(path, "sft"))
+    error = caught.value
+    assert (error.line, error.element, error.field) == (line, element, field)
+    where = f"{path}, line {line} (array element [{element}])" + (f", field '{field}'" if field else "")
+    assert str(error) == f"{where}: {message}"
+
+
+def test_a_trailing_comma_or_text_after_the_array_is_named(tmp_path):
+    path = write(tmp_path, "a.json", '[\n  {"instruction": "a", "output": "b"},\n]\n')
+    with pytest.raises(DataError) as caught:
+        load_source(Source(path, "sft"))
+    assert str(caught.value) == f"{path}, line 3: a comma after the last array element [0]; JSON allows none before ']'"
+    path = write(tmp_path, "b.json", '[\n  {"instruction": "a", "output": "b"}\n]\n{"instruction": "c"}\n')
+    with pytest.raises(DataError, match=r"b\.json, line 4: has more text after the closing '\]' of the array"):
+        load_source(Source(path, "sft"))
+
+
+def test_a_duplicate_key_in_a_json_line_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"prompt": "Q", "completion": "A"}\n{"prompt": "Q", "completion": "A", '
+                                      '"prompt": "Q2"}\n')
+    with pytest.raises(DataError) as caught:
+        load_source(Source(path, "sft"))
+    assert (caught.value.line, caught.value.field) == (2, "prompt")
+    assert str(caught.value) == (f"{path}, line 2, field 'prompt': duplicate key: it appears twice in one object "
+                                 f'(first "Q", then "Q2"); expected each key once')
+    nested = write(tmp_path, "n.jsonl", jsonl({"messages": [user("Q"), assistant("A")]}).replace(
+        '"content": "A"', '"content": "A", "content": "B"'))
+    with pytest.raises(DataError, match=r"n\.jsonl, line 1, field 'content': duplicate key"):
+        load_source(Source(nested, "sft"))
+
+
+def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    path = write(tmp_path, "twice.csv", "Q,A,Q\nhi,there,again\n")
+    with pytest.raises(DataError) as caught:
+        load_source(Source(path, "sft", columns={"prompt": "Q", "completion": "A"}))
+    assert str(caught.value) == (f"{path}, line 1, field 'Q': the header names column 'Q' 2 times; expected each "
+                                 f"column once (header: Q, A, Q)")
+
+
+def test_a_column_mapping_naming_absent_columns_names_them_and_the_files_columns(tmp_path):
+    path = write(tmp_path, "reviews.tsv", "id\tdoc\tlabel\n1\tgood film\t1\n")
+    with pytest.raises(DataError) as caught:
+        load_source(Source(path, "sft", columns={"prompt": "question", "completion": "answer"}))
+    assert str(caught.value) == (f"{path}, line 1: `columns` maps {{prompt: question, completion: answer}} but the "
+                                 f"header has no columns 'question', 'answer'; the file's columns are: id, doc, label")
+    assert records(path, "pretrain", columns={"text": "doc"})[0]["text"] == "good film"  # a right mapping reads
+    rows = write(tmp_path, "q.jsonl", jsonl({"q": "Q", "a": "A"}))
+    with pytest.raises(DataError) as caught:
+        load_source(Source(rows, "sft", columns={"prompt": "question", "completion": "a"}))
+    assert str(caught.value) == (f"{rows}, line 1: `columns` maps {{prompt: question}} but the row has no key "
+                                 f"'question'; its keys are: q, a")
+
+
+def test_a_folder_source_reads_its_supported_files_in_name_order(tmp_path, caplog):
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write(folder, "b.jsonl", jsonl({"prompt": "second", "completion": "B"}))
+    write(folder, "a.json", json.dumps([{"prompt": "first", "completion": "A"}], indent=2))
+    write(folder, "c.csv", "prompt,completion\nthird,C\n")
+    write(folder, "README.md", "not data")
+    write(folder, ".hidden.jsonl", "not read")
+    (folder / "sub").mkdir()
+    write(folder / "sub", "d.jsonl", "not read either")
+
+    loaded = load_source(Source(folder, "sft"))
+
+    assert [r["messages"][0]["content"] for r in loaded.records] == ["first", "second", "third"]
+    assert {r["source"] for r in loaded.records} == {"chats"} and loaded.rows == 3
+    assert "skipping 1 file(s) of no supported type: README.md" in caplog.text
+    write(folder, "bad.jsonl", jsonl({"prompt": "Q"}))  # a bad row in one file is named by that file
+    with pytest.raises(DataError, match=r"chats/bad\.jsonl, line 1, field 'completion': missing"):
+        load_source(Source(folder, "sft"))
+
+
+def test_a_folder_without_supported_files_is_refused_by_name(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    write(folder, "notes.md", "x")
+    with pytest.raises(DataError) as caught:
+        load_source(Source(folder, "sft"))
+    message = str(caught.value)
+    assert message == (f"{folder}: is a folder with no supported files (it holds notes.md; subfolders are not read); "
+                       f"expected files ending in .txt, .jsonl, .json, .csv, .tsv")
+    assert "not found" not in message
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
+        load_source(Source(tmp_path / "nope.jsonl", "sft"))
+
+
+def test_max_chars_refuses_a_long_row_naming_file_line_field_and_length(tmp_path):
+    rows = jsonl({"prompt": "short", "completion": "fine"}, {"prompt": "Q", "completion": "x" * 5000})
+    path = write(tmp_path, "long.jsonl", rows)
+    with pytest.raises(DataError) as caught:
+        load_source(Source(path, "sft", max_chars=1000))
+    assert (caught.value.line, caught.value.field) == (2, "completion")
+    assert str(caught.value) == (f"{path}, line 2, field 'completion': the row has 5,001 characters (5,000 in this "
+                                 f"field), more than prepare.max_chars = 1,000; shorten or split it, or raise the "
+                                 f"bound")
+    assert len(records(path, "sft", max_chars=5001)) == 2 and len(records(path, "sft")) == 2  # within / no bound
+    skipped = load_source(Source(path, "sft", max_chars=1000, skip_invalid=True))
+    assert len(skipped.records) == 1 and "5,001 characters" in skipped.skipped[0]
+    book = write(tmp_path, "book.txt", "short\n\n" + "y" * 3000 + "\n")
+    with pytest.raises(DataError) as caught:
+        load_source(Source(book, "pretrain", max_chars=1000))
+    assert str(caught.value) == (f"{book}, line 3: the line has 3,000 characters, more than prepare.max_chars = "
+                                 f"1,000; shorten or split it, or raise the bound")
+    csv_path = write(tmp_path, "long.csv", "Q,A\nhi,there\nQ," + "z" * 2000 + "\n")
+    with pytest.raises(DataError, match=r"long\.csv, line 3, field 'A': the row has 2,001 characters"):
+        load_source(Source(csv_path, "sft", columns={"prompt": "Q", "completion": "A"}, max_chars=1000))
 
 
 # ------------------------------------------------------------------------------ dedup, split, sample

@@ -11,7 +11,7 @@ import pytest
 
 from instructflow.io import read_jsonl
 from instructflow.errors import DataError
-from tasks.prepare import build
+from tasks.prepare import build, demo_sources, user_source
 
 DEMO_RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
@@ -127,3 +127,51 @@ def test_build_on_the_demo_data_with_small_caps(tmp_path):
     assert any(HANGUL.search(r["messages"][0]["content"]) for r in sft_rows if r["source"] == "ko_chatbot_qa.csv")
     prompts = read_jsonl(tmp_path / "prepared" / "prompts_eval.jsonl")
     assert all(len(p["messages"]) == 1 and p["messages"][0]["role"] == "user" and p["reference"] for p in prompts)
+
+
+def test_build_reads_an_alpaca_array_and_a_folder_of_files(project):
+    user = project / "data" / "user"
+    alpaca = [{"instruction": f"Instruction {i}", "input": "" if i % 2 else f"input {i}", "output": f"Output {i}"}
+              for i in range(6)]
+    (user / "alpaca_data.json").write_text(json.dumps(alpaca, indent=4), encoding="utf-8")
+    folder = user / "more"
+    folder.mkdir()
+    (folder / "1.jsonl").write_text("".join(json.dumps({"prompt": f"P{i}", "completion": f"C{i}"}) + "\n"
+                                            for i in range(3)), encoding="utf-8")
+    (folder / "2.csv").write_text("prompt,completion\nP9,C9\n", encoding="utf-8")
+    sources = [*user_sources(), source("data/user/alpaca_data.json", "sft"), source("data/user/more", "sft")]
+
+    stats = build(config(sources), seed=0, raw_dir=project / "data" / "raw", out_dir=project / "data" / "prepared")
+
+    assert stats["sources"]["sft"]["alpaca_data.json"]["records"] == 6
+    assert stats["sources"]["sft"]["more"]["rows"] == 4 and stats["sources"]["sft"]["more"]["records"] == 4
+    rows = read_jsonl(project / "data" / "prepared" / "sft_train.jsonl") + \
+        read_jsonl(project / "data" / "prepared" / "sft_eval.jsonl")
+    assert {"P0", "P1", "P2", "P9"} <= {r["messages"][0]["content"] for r in rows if r["source"] == "more"}
+
+
+def test_max_chars_refuses_a_long_user_row_and_writes_nothing(project):
+    long_row = {"prompt": "Summarise this.", "completion": "word " * 20_000}  # 100,000 characters
+    (project / "data" / "user" / "huge.jsonl").write_text(
+        json.dumps({"prompt": "Q", "completion": "A"}) + "\n" + json.dumps(long_row) + "\n", encoding="utf-8")
+    sources = [*user_sources(), source("data/user/huge.jsonl", "sft")]
+    out = project / "data" / "prepared"
+    build(config(user_sources()), seed=0, raw_dir=project / "data" / "raw", out_dir=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with pytest.raises(DataError) as caught:
+        build(config(sources, max_chars=10_000), seed=0, raw_dir=project / "data" / "raw", out_dir=out)
+
+    assert str(caught.value) == (f"{project}/data/user/huge.jsonl, line 2, field 'completion': the row has 100,015 "
+                                 f"characters (100,000 in this field), more than prepare.max_chars = 10,000; shorten "
+                                 f"or split it, or raise the bound")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the last good outputs are untouched
+    stats = build(config(sources), seed=0, raw_dir=project / "data" / "raw", out_dir=out)  # no bound: read
+    assert stats["sources"]["sft"]["huge.jsonl"]["records"] == 2
+
+
+def test_max_chars_bounds_user_files_not_the_pinned_demo_data(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    user = SimpleNamespace(path=str(tmp_path / "x.jsonl"), role="sft")
+    assert user_source(user, tmp_path, 500).max_chars == 500
+    assert all(s.max_chars is None for s in demo_sources(raw))

@@ -119,10 +119,13 @@ def test_full_sft_trains_every_weight_and_saves_a_loadable_model(project):
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
 
-    assert {"loss", "eval_loss", "eval_perplexity", "trainable_params", "train_rows"} <= metrics.keys()
+    assert {"loss", "eval_loss", "eval_perplexity", "trainable_params", "train_rows", "train_rows_truncated",
+            "train_rows_dropped", "eval_rows_truncated", "eval_rows_dropped"} <= metrics.keys()
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
-    assert metrics["train_rows"] == len((root / "data" / "prepared" / "sft_train.jsonl").read_text().splitlines())
+    # rows whose prompt alone fills sft.max_length are dropped (and counted); the rest are trained on
+    assert metrics["train_rows"] + metrics["train_rows_dropped"] == len(
+        (root / "data" / "prepared" / "sft_train.jsonl").read_text().splitlines())
     out = root / "artifacts" / "sft"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "history.csv", "loss.png"):
         assert (out / name).is_file(), name
@@ -151,7 +154,7 @@ def test_sft_eval_loss_is_the_loss_on_responses_only(project):
             sums["all"][1] += losses.numel()
     response_loss, all_loss = (total / count for total, count in sums.values())
     eval_loss = project.metrics["sft"]["eval_loss"]
-    # bf16 autocast (where the CPU has it) and left truncation keep these from being equal to the last digit
+    # bf16 autocast (where the CPU has it) and truncation keep these from being equal to the last digit
     assert eval_loss == pytest.approx(response_loss, abs=0.03)
     assert abs(eval_loss - response_loss) < abs(eval_loss - all_loss)
 
@@ -182,10 +185,11 @@ def test_chat_example_labels_exactly_the_assistant_turns_and_their_eos(project):
     # preference pairs train on the last response only
     _, last_only = encode_chat(tok, messages, train_on="last_assistant")
     assert [i for i, label in enumerate(last_only) if label != IGNORE_INDEX] == list(range(*spans[1]))
-    # cut to max_length from the left: <|bos|> and the end stay; nothing trained left is no example at all
-    cut = chat_example(tok, messages, max_length=12)
-    assert cut["input_ids"] == ids[:1] + ids[-11:] and cut["labels"] == labels[:1] + labels[-11:]
-    assert chat_example(tok, messages, max_length=2) is None  # <|bos|> and the final '\n'
+    # cut to max_length at the end: the prompt and the start of the first answer stay; a prompt that leaves no
+    # room for an answer token is no example at all (dropped), never a left-cut tail without its user turn
+    cut = chat_example(tok, messages, max_length=spans[0][0] + 2)
+    assert cut["input_ids"] == ids[:spans[0][0] + 2] and cut["labels"] == labels[:spans[0][0] + 2]
+    assert chat_example(tok, messages, max_length=spans[0][0]) is None  # the prompt alone
 
 
 # --- sft, LoRA ------------------------------------------------------------------------------------
@@ -270,7 +274,8 @@ def test_reward_stage_trains_a_one_label_head_on_the_sft_model(project, reward_r
     moved = differing(shared, sft_weights)
     assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.embed_tokens.weight" in moved
 
-    assert {"loss", "accuracy", "eval_loss", "eval_accuracy", "train_pairs", "eval_pairs"} <= reward_run.keys()
+    assert {"loss", "accuracy", "eval_loss", "eval_accuracy", "train_pairs", "eval_pairs", "train_pairs_truncated",
+            "train_pairs_dropped", "eval_pairs_truncated", "eval_pairs_dropped"} <= reward_run.keys()
     assert 0 <= reward_run["eval_accuracy"] <= 1 and math.isfinite(reward_run["eval_loss"])
     assert reward_run["eval_pairs"] > 0 and reward_run["train_pairs"] > reward_run["eval_pairs"]
 

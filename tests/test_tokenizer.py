@@ -4,6 +4,7 @@ encoder's framing copy of the tokenizer leaving the decoder's alone."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from models.tokenizer import (
     load_tokenizer,
     preference_example,
     train_tokenizer,
-    truncate_left,
+    truncate_right,
 )
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
@@ -217,36 +218,83 @@ def test_generation_prompt_is_never_labelled(tok):
 
 
 # ------------------------------------------------------------------------------------------ truncation
-def test_truncate_left_keeps_bos_and_the_end():
+def test_truncate_right_keeps_bos_and_the_start():
     ids, labels = list(range(10)), [IGNORE_INDEX] * 6 + [6, 7, 8, 9]
 
-    cut_ids, cut_labels = truncate_left(ids, labels, 5)
+    cut_ids, cut_labels = truncate_right(ids, labels, 8)
 
-    assert cut_ids == [0, 6, 7, 8, 9]
-    assert cut_labels == [IGNORE_INDEX, 6, 7, 8, 9]
-    assert truncate_left(ids, labels, 10) == (ids, labels)  # fits: unchanged
+    assert cut_ids == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert cut_labels == [IGNORE_INDEX] * 6 + [6, 7]
+    assert truncate_right(ids, labels, 10) == (ids, labels)  # fits: unchanged
 
 
-def test_chat_example_truncates_from_the_left_keeping_the_response(tok):
+def prompt_length(tok, messages) -> int:
+    """Tokens before the final response: <|bos|>, the earlier turns and '<|assistant|>\n'."""
+    return len(encode_prompt(tok, messages[:-1]))
+
+
+def test_chat_example_keeps_the_prompt_and_cuts_the_end_of_the_response(tok):
     ids, labels = encode_chat(tok, SINGLE)
-    n_response = len(labelled(labels))
-    max_length = n_response + 4
+    n_prompt = prompt_length(tok, SINGLE)
+    counts = Counter()
 
-    example = chat_example(tok, SINGLE, max_length)
+    example = chat_example(tok, SINGLE, n_prompt + 3, counts=counts)
 
-    assert len(example["input_ids"]) == max_length == len(example["labels"])
-    assert example["input_ids"][0] == tok.bos_token_id
-    assert example["input_ids"][1:] == ids[-(max_length - 1):]
-    assert len(labelled(example["labels"])) == n_response  # the whole response survived
+    assert example["input_ids"] == ids[:n_prompt + 3] and example["labels"] == labels[:n_prompt + 3]
+    assert tok.decode(example["input_ids"][:n_prompt]).startswith("<|bos|><|system|>\nYou answer")
+    assert "<|user|>\nWhat is the capital of France?\n<|assistant|>\n" in tok.decode(example["input_ids"])
+    assert len(labelled(example["labels"])) == 3 and tok.eos_token_id not in example["input_ids"]
+    assert counts == {"truncated": 1}
 
 
-def test_chat_example_is_none_when_truncation_cuts_every_response_token(tok):
-    # keep <|bos|> and the final newline only: the newline is the one token after <|eos|>
-    assert chat_example(tok, SINGLE, 2) is None
-    # keep <|bos|>, <|eos|> and the newline: one labelled token is left, so the example stays
-    example = chat_example(tok, SINGLE, 3)
-    assert example is not None and labelled(example["labels"]) == [1]
-    assert example["labels"][1] == tok.eos_token_id
+def test_a_huge_response_keeps_the_user_turn_and_the_start_of_the_response(tok):
+    # the issue's case: a 680 KB row used to become <|bos|> plus the last response tokens, with no user turn
+    response = "Paris is the capital of France. " * 2000  # 64,000 characters
+    messages = [*SINGLE[:2], {"role": "assistant", "content": response.strip()}]
+    counts = Counter()
+
+    example = chat_example(tok, messages, 96, counts=counts)
+
+    text = tok.decode(example["input_ids"])
+    assert len(example["input_ids"]) == 96
+    assert text.startswith("<|bos|><|system|>\nYou answer in one short sentence.\n<|user|>\nWhat is the capital")
+    assert "<|assistant|>\nParis is the capital of France. Paris" in text
+    assert labelled(example["labels"]) == list(range(prompt_length(tok, messages), 96))
+    assert counts == {"truncated": 1}
+
+
+def test_chat_example_is_dropped_when_the_prompt_leaves_no_room_for_a_response_token(tok):
+    n_prompt = prompt_length(tok, SINGLE)
+    counts = Counter()
+
+    assert chat_example(tok, SINGLE, n_prompt, counts=counts) is None  # the prompt alone: dropped, not left-cut
+    assert chat_example(tok, SINGLE, 2, counts=counts) is None
+    assert counts == {"dropped": 2}
+    example = chat_example(tok, SINGLE, n_prompt + 1, counts=counts)  # one response token is enough
+    assert len(labelled(example["labels"])) == 1 and counts == {"dropped": 2, "truncated": 1}
+
+
+def test_chat_example_that_fits_counts_nothing(tok):
+    counts = Counter()
+    ids, labels = encode_chat(tok, SINGLE)
+
+    assert chat_example(tok, SINGLE, len(ids), counts=counts) == {"input_ids": ids, "labels": labels}
+    # only the newline after <|eos|> cut: no trained token lost, so not counted as truncated
+    assert chat_example(tok, SINGLE, len(ids) - 1, counts=counts)["labels"] == labels[:-1]
+    assert counts == {}
+
+
+def test_a_long_multi_turn_chat_keeps_its_earlier_turns_whole(tok):
+    ids, labels = encode_chat(tok, MULTI)
+    first_end = labels.index(tok.eos_token_id) + 1  # the end of the first assistant response, <|eos|> included
+    counts = Counter()
+
+    example = chat_example(tok, MULTI, first_end + 2, counts=counts)
+
+    assert example["input_ids"] == ids[:first_end + 2]
+    assert tok.decode([i for i, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]) \
+        == "정말 좋았어요.<|eos|>"
+    assert counts == {"truncated": 1}  # the second response's trained tokens were cut
 
 
 def test_chat_example_without_truncation_is_encode_chat(tok):
@@ -268,8 +316,24 @@ def test_preference_example_labels_only_the_final_response(tok):
         assert ids == encode_chat(tok, [*row["prompt"], {"role": "assistant", "content": row[side]}])[0]
 
 
-def test_preference_example_is_none_when_truncation_cuts_the_responses(tok):
+def test_preference_example_is_dropped_when_the_prompt_fills_max_length(tok):
     row = {"prompt": SINGLE[1:2], "chosen": "Paris.", "rejected": "Lyon."}
+    n_prompt = len(encode_prompt(tok, row["prompt"]))
+    counts = Counter()
 
-    assert preference_example(tok, row, 2) is None  # <|bos|> and the final newline: no response token left
-    assert preference_example(tok, row, 3) is not None  # <|eos|> survives on both sides
+    assert preference_example(tok, row, n_prompt, counts=counts) is None  # no response token fits: dropped
+    assert preference_example(tok, row, 2, counts=counts) is None
+    assert counts == {"dropped": 2}  # one count per pair, not per side
+
+
+def test_preference_example_keeps_the_prompt_and_truncates_a_long_response(tok):
+    row = {"prompt": SINGLE[1:2], "chosen": "Paris. " * 200, "rejected": "Lyon."}
+    n_prompt = len(encode_prompt(tok, row["prompt"]))
+    counts = Counter()
+
+    pair = preference_example(tok, row, n_prompt + 8, counts=counts)
+
+    assert len(pair["chosen"]["input_ids"]) == n_prompt + 8  # cut: the start of the chosen response is kept
+    assert pair["chosen"]["input_ids"][:n_prompt] == encode_prompt(tok, row["prompt"])
+    assert tok.decode(pair["rejected"]["input_ids"]).endswith("Lyon.<|eos|>\n")  # fits: whole
+    assert counts == {"truncated": 1}

@@ -13,6 +13,7 @@ import torch
 from helpers_tokenizer import CORPUS, make_test_tokenizer
 
 from instructflow.config import load_params
+from instructflow.errors import InstructflowError, NonFiniteError
 from models.decoder import (
     build_decoder,
     collate_lm,
@@ -198,13 +199,63 @@ def test_empty_dataset_raises(tok):
         train(micro_decoder(tok), [], collate(tok), lm_step, settings())
 
 
-def test_nan_loss_raises_floating_point_error(tok):
+def test_a_nan_loss_stops_training_with_the_step_the_value_and_the_knobs(tok):
     def nan_step(model, batch):
         loss, metrics, n = lm_step(model, batch)
         return loss * float("nan"), metrics, n
 
-    with pytest.raises(FloatingPointError, match="at step 0"):
+    with pytest.raises(NonFiniteError) as caught:
         train(micro_decoder(tok), repeated(tok), collate(tok), nan_step, settings())
+
+    error = caught.value
+    assert isinstance(error, InstructflowError)  # the stage runner exits 2 with the message, no traceback
+    assert (error.step, error.name) == (1, "loss") and math.isnan(error.value)
+    assert str(error) == ("step 1 of 30: the loss is nan (non-finite), so training stopped; it is fed by lr=0.003, "
+                          "max_grad_norm=1: lower them (or look for extreme values in the data) and run again")
+
+
+def test_a_non_finite_metric_or_grad_norm_names_itself_and_the_callers_knobs(tok):
+    def step_after(n_ok, metric):
+        calls = []
+
+        def step(model, batch):
+            loss, metrics, n = lm_step(model, batch)
+            calls.append(1)
+            return loss, {**metrics, "chosen_reward": metric if len(calls) > n_ok else 0.0}, n
+        return step
+
+    with pytest.raises(NonFiniteError, match=r"^step 3 of 30: the chosen_reward is -inf \(non-finite\), so training "
+                                             r"stopped; it is fed by my.beta=2, my.lr=0.003: lower them"):
+        train(micro_decoder(tok), repeated(tok), collate(tok), step_after(2, float("-inf")),
+              settings(knobs="my.beta=2, my.lr=0.003"))
+
+    def inf_grad_step(model, batch):  # a finite loss whose gradient is infinite: d sqrt(x) / dx at x = 0
+        loss, metrics, n = lm_step(model, batch)
+        weight = next(model.parameters())
+        return loss + torch.sqrt(weight - weight.detach()).sum(), metrics, n
+
+    with pytest.raises(NonFiniteError) as caught:
+        train(micro_decoder(tok), repeated(tok), collate(tok), inf_grad_step, settings())
+    assert caught.value.name == "grad norm" and str(caught.value).startswith("step 1 of 30: the grad norm is ")
+
+
+def test_align_with_a_huge_beta_stops_naming_beta_not_a_traceback(tok):
+    from models.decoder import collate_pairs
+    from models.tokenizer import preference_example
+    from tasks.align import loop_knobs, make_step
+
+    cfg = load_params(PARAMS, preset="micro", overrides=["align.beta=1e39"]).align
+    prompt = [{"role": "user", "content": "The quick brown fox?"}]
+    pairs = [{**preference_example(tok, {"prompt": prompt, "chosen": "jumps over the lazy dog.", "rejected": "No."},
+                                   64), "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}] * 4
+    loop = LoopSettings.from_config(cfg, 0, knobs=loop_knobs(cfg), batch_size=2, max_steps=3, bf16=False)
+
+    with pytest.raises(NonFiniteError) as caught:
+        train(micro_decoder(tok), pairs, partial(collate_pairs, pad_id=tok.pad_token_id), make_step(cfg), loop)
+
+    assert caught.value.step == 1
+    assert f"it is fed by align.beta=1e+39, align.loss_type=sigmoid, align.lr={cfg.lr:g}, align.max_grad_norm=" \
+        in str(caught.value)
 
 
 # ------------------------------------------------------------------------------------------ settings
