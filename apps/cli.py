@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, chdir, contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.guard import preflight, run_lock, upstream_closure
 from instructflow import env
 from instructflow.config import load_params
 from instructflow.errors import InstructflowError
@@ -45,6 +48,17 @@ def _fmt(value) -> str:
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
+
+
+@contextmanager
+def _one_run(project: Path) -> Iterator[None]:
+    """One run per checkout (flows/guard.py): a second is refused here, naming the first, before it writes anything."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(run_lock(project))
+        except InstructflowError as exc:
+            _fail(exc)
+        yield
 
 
 def stage_figures(root: Path, name: str) -> dict:
@@ -133,8 +147,13 @@ def nothing_to_do(project: Path) -> bool:
 
     if sync_dvc_yaml(project) or not (project / "dvc.lock").is_file():
         return False
-    with Repo(str(project)) as repo:
-        return not repo.status()
+    from dvc.lock import LockError
+
+    try:  # in the project folder: DVC resolves the stages' paths against the cwd, not the repo it is given
+        with chdir(project), Repo(str(project)) as repo:
+            return not repo.status()
+    except LockError:  # a plain `dvc` command is running here: let the flow's stages wait for it (their retries)
+        return False
 
 
 @app.command()
@@ -145,6 +164,11 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow; DVC skips every stage that is up to date."""
     project = _root(root)
+    with _one_run(project):
+        _run(project, preset, set_)
+
+
+def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
     try:
         params = load_params(project / "params.yaml", set_ or [], preset)  # fail before Prefect starts
     except InstructflowError as exc:
@@ -157,6 +181,10 @@ def run(
         console.print("Nothing changed since the last run: DVC finds every stage up to date (no flow run started).")
         print_summary(results, params, project, time.perf_counter() - started)
         return
+    try:  # every listed source and every input, before DVC removes any output
+        preflight(project, params, params.stages())
+    except InstructflowError as exc:
+        _fail(exc)
     from flows.pipeline import pipeline
 
     try:
@@ -173,7 +201,16 @@ def stage(name: Annotated[str, typer.Argument(help="stage name, e.g. pretrain")]
     project = _root(root)
     try:
         stage_named(name)
-        load_params(project / "params.yaml")
+    except InstructflowError as exc:
+        _fail(exc)
+    with _one_run(project):
+        _stage(project, name)
+
+
+def _stage(project: Path, name: str) -> None:
+    try:  # params, sources and inputs of the stage and those before it, before DVC removes any output
+        stage_named(name)
+        preflight(project, load_params(project / "params.yaml"), upstream_closure(name))
         sync_dvc_yaml(project)
     except InstructflowError as exc:
         _fail(exc)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +32,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import StateType
 
+from flows.guard import params_kept, preflight, run_lock
 from instructflow import env
 from instructflow.config import load_params, write_overrides
 from instructflow.errors import InstructflowError
 from instructflow.stages import sync_dvc_yaml
 from tasks.runtime import INVOCATION_ENV, read_lineage
 from tasks.tracking import PARENT_ENV, experiment_id
+from tasks.tracking import flatten
 
 # failures worth a retry: lock contention on DVC's repo lock or on the MLflow sqlite file, never a training error
 TRANSIENT = ("Unable to acquire lock", "is busy, it is being blocked by", "database is locked",
@@ -75,10 +77,14 @@ def lock_entry(root: Path, stage: str) -> dict | None:
 
 def up_to_date(root: Path, stage: str) -> bool:
     """DVC's own verdict, in this process (no second interpreter): nothing the stage depends on has changed."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        return not repo.status(targets=[stage])
+    try:  # in the project folder: DVC resolves the stage's paths against the cwd, not the repo it is given
+        with chdir(root), Repo(str(root)) as repo:
+            return not repo.status(targets=[stage])
+    except LockError as exc:  # another DVC command holds the repo: raised here, in this process, not in a log
+        raise TransientStageFailure(f"stage '{stage}': DVC is busy in this checkout: {exc}") from None
 
 
 def track_off(root: Path, stage: str) -> bool:
@@ -168,6 +174,12 @@ class PipelineRun:
                 create_markdown_artifact(report.read_text(encoding="utf-8"), key="evaluation-report",
                                          description=f"instructflow evaluation ({self.params.preset} preset)")
         mlflow.set_tag("ran", ",".join(r["stage"] for r in self.results if r["status"] == "ran") or "none")
+        trained_otherwise = [r["stage"] for r in self.results if r["status"] == "ran" and
+                             read_lineage(self.root, r["stage"]).get("params_hash") != self.params.digest()]
+        if trained_otherwise:  # params.yaml was edited during the run: the parent run's params would not be true
+            mlflow.set_tag("params_mismatch", ",".join(trained_otherwise))
+            raise StageFailed(f"stages {', '.join(trained_otherwise)} trained with other params than this run's "
+                              f"(params hash {self.params.digest()}): params.yaml changed during the run")
         for _, state in failures:
             if state.type == StateType.FAILED:  # the stage that failed; those after it never started
                 state.result()  # raises its StageFailed
@@ -182,11 +194,20 @@ def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> 
     logger = get_run_logger()
     project = env.setup(Path(root).resolve() if root else None)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with run_lock(project):  # one run per checkout (flows/guard.py)
+        with _pipeline_run(preset, overrides, project, logger) as run:
+            yield run
+
+
+@contextmanager
+def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logger) -> Iterator[PipelineRun]:
     params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage
-    if write_overrides(project / "params.yaml", overrides, preset):
-        logger.info("params.yaml updated: preset=%s %s", params.preset, " ".join(overrides))
-    if sync_dvc_yaml(project):
-        logger.info("dvc.yaml rendered again from the stage table (prepare.sources changed)")
+    preflight(project, params, params.stages())  # every source and input, before DVC removes any output
+    with params_kept(project):
+        if write_overrides(project / "params.yaml", overrides, preset):
+            logger.info("params.yaml updated: preset=%s %s", params.preset, " ".join(overrides))
+        if sync_dvc_yaml(project):
+            logger.info("dvc.yaml rendered again from the stage table (prepare.sources changed)")
     logger.info("pipeline: %s (preset %s, tracks: %s)", " -> ".join(params.stages()), params.preset,
                 ", ".join(t for t, on in params.tracks if on))
     with mlflow.start_run(experiment_id=experiment_id(params.experiment, project), run_name="pipeline",
@@ -194,4 +215,6 @@ def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> 
                                 "instructflow.params_hash": params.digest()}) as parent:
         mlflow.log_params({"preset": params.preset, "overrides": " ".join(overrides) or "-",
                            "stages": ",".join(params.stages())})
+        # every resolved param, under the names the stage runs log theirs (align.beta, ...): what the stages read
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params.model_dump(mode="json")).items()})
         yield PipelineRun(project, params, parent.info.run_id)

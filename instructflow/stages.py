@@ -178,8 +178,10 @@ def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None) -
         "cmd": f"python -m tasks.{s.name}",
         "deps": code_deps(f"tasks.{s.name}", root) + reads,
         "params": params,
-        "outs": [out if s.cache_outs else {out: {"cache": False}} for out in s.outs],
-        "metrics": [{s.metrics: {"cache": False}}],
+        # uncached outputs stay in place while the stage runs (persist) and are replaced atomically: DVC's cache
+        # cannot give them back after a failed run (tasks/keep.py), and such a stage is never run-cached anyway
+        "outs": [out if s.cache_outs else {out: {"cache": False, "persist": True}} for out in s.outs],
+        "metrics": [{s.metrics: {"cache": False, **({} if s.cache_outs else {"persist": True})}}],
     }
 
 

@@ -27,6 +27,7 @@ from instructflow.config import Params, load_params
 from instructflow.errors import InstructflowError
 from instructflow.io import atomic_dir, read_jsonl, write_json_atomic
 from instructflow.stages import stage as stage_named
+from tasks.keep import restore_outputs
 from tasks.tracking import StageRun, stage_run
 
 log = logging.getLogger("instructflow")
@@ -170,7 +171,11 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
                 **volatile})
     except InstructflowError as exc:
         log.error("stage %s failed: %s", stage, exc)
+        restore_outputs(root, stage)  # DVC removed them before this command: the last good ones come back
         sys.exit(2)
+    except BaseException:
+        restore_outputs(root, stage)
+        raise
     log.info("stage %s done in %.1fs", stage, time.perf_counter() - started)
 
 

@@ -66,8 +66,10 @@ def row(output: str, stage: str) -> list[str]:
 
 
 def project(root: Path) -> Path:
-    """A project folder as far as `status` and `stage` read one without DVC: its params.yaml."""
+    """A project folder as far as `status` and `stage` read one without DVC: its params.yaml (and the demo data's
+    folder, which `stage` checks is there before DVC runs)."""
     shutil.copy2(ROOT / "params.yaml", root / "params.yaml")
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
     return root
 
 

@@ -102,6 +102,24 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage(project):
     assert len(history) >= 2 and {"learning_rate", "grad_norm", "tokens_per_sec"} <= set(sft.data.metrics)
 
 
+def test_the_parent_run_records_the_params_its_stages_trained_with(project):
+    """Each stage's MLflow run logs its section of params.yaml as it read it; the parent run logs every resolved
+    param under the same names, with the same params hash: what the history says ran is what trained."""
+    import mlflow
+
+    root, _, _ = project
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("instructflow").experiment_id], max_results=200)
+    for parent in (r for r in runs if r.info.run_name == "pipeline"):
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        for child in children:
+            assert child.data.tags["instructflow.params_hash"] == parent.data.tags["instructflow.params_hash"]
+            read = {k: v for k, v in child.data.params.items()  # not what MLflow's model flavours log beside them
+                    if k in ("preset", "seed") or k.startswith(f"{child.info.run_name}.")}
+            assert len(read) > 2 and {k: parent.data.params.get(k) for k in read} == read, child.info.run_name
+        assert "params_mismatch" not in parent.data.tags
+
+
 def test_registry_holds_champions_with_lineage(project):
     from mlflow import MlflowClient
 
