@@ -29,6 +29,7 @@ from instructflow.stages import BY_NAME
 
 LOCK_NAME = ".instructflow-run.lock"
 _HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
+_CHECKED: set[tuple] = set()  # what preflight found good in this process (the CLI, then its flow: read once)
 
 
 class RunLocked(InstructflowError):
@@ -145,6 +146,10 @@ def preflight(root: Path, params, stages: Iterable[str]) -> None:
     from tasks.prepare import user_source
 
     stages = [s for s in stages if params.chosen(s)]
+    key = (str(root), params.digest(), tuple(stages),
+           tuple(_stat(root, source.path) for source in params.prepare.sources))
+    if key in _CHECKED:
+        return
     made = {out for s in BY_NAME.values() for out in (*s.outs, s.metrics)}
     problems: list[str] = []
     for name in stages:
@@ -160,6 +165,14 @@ def preflight(root: Path, params, stages: Iterable[str]) -> None:
                 problems.append(f"prepare.sources: {exc}")
     if problems:
         raise InstructflowError("nothing was run and no output was touched:\n  " + "\n  ".join(problems))
+    _CHECKED.add(key)
+
+
+def _stat(root: Path, path: str) -> tuple:
+    """A source's identity for the preflight memo: its path, size and modification time (a folder's files too)."""
+    full = Path(root) / path
+    files = sorted(full.rglob("*")) if full.is_dir() else [full]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
 
 
 @contextmanager
