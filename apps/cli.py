@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.guard import preflight, run_lock, upstream_closure
-from instructflow import env
+from instructflow import env, signals
 from instructflow.config import load_params
 from instructflow.errors import InstructflowError
 from instructflow.stages import BY_NAME, NAMES, stage as stage_named, sync_dvc_yaml
@@ -48,6 +48,12 @@ def _fmt(value) -> str:
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
+
+
+def _stopped(signum: int) -> None:
+    console.print(f"[bold red]stopped by {signals.name(signum)}:[/] every stage process has stopped (a training "
+                  "stage saved a checkpoint it resumes from), its MLflow run is KILLED, dvc.lock is as it was")
+    raise typer.Exit(128 + signum)
 
 
 @contextmanager
@@ -164,11 +170,23 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow; DVC skips every stage that is up to date."""
     project = _root(root)
-    with _one_run(project):
-        _run(project, preset, set_)
+    with _one_run(project), signals.handling():  # SIGTERM as Ctrl-C: stop the stages, then Prefect's temporary server (atexit)
+        try:
+            _run(project, preset, set_)
+        except KeyboardInterrupt as exc:  # signals.Interrupted, or Prefect's crash after it
+            _stopped(signals.received() or getattr(exc, "signum", 2))
+        except BaseException as exc:  # Prefect's TerminationSignal when SIGTERM came before our handler took over
+            if signals.received() is None or isinstance(exc, (typer.Exit, SystemExit)):
+                raise
+            _stopped(signals.received())
 
 
 def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
+    # a register killed mid-transaction left its journal (tasks.register.journal_path): settle it before anything
+    if (project / "checkpoints" / "register" / "transaction.json").is_file():
+        from tasks.register import recover
+
+        console.print(f"[yellow]{escape(recover(project) or '')}[/]")
     try:
         params = load_params(project / "params.yaml", set_ or [], preset)  # fail before Prefect starts
     except InstructflowError as exc:
@@ -215,7 +233,11 @@ def _stage(project: Path, name: str) -> None:
     except InstructflowError as exc:
         _fail(exc)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    code = subprocess.call([sys.executable, "-m", "dvc", "repro", name], cwd=project, env={**os.environ, "PATH": path})
+    with signals.handling(), signals.deferred():  # DVC (own process group) gets the stop; we wait for it
+        code = signals.wait(signals.spawn([sys.executable, "-m", "dvc", "repro", name], cwd=project,
+                                          env={**os.environ, "PATH": path}))
+    if signals.received() is not None:
+        _stopped(signals.received())
     raise typer.Exit(code)
 
 

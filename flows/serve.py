@@ -1,7 +1,8 @@
 """`instructflow serve`: a local Prefect server plus the pipeline served as a scheduled deployment.
 
 The server keeps its database in the project's PREFECT_HOME, so the UI also lists the flow runs made
-earlier by `instructflow run`. Stopping serve (Ctrl-C, SIGTERM) stops the runner, then the server.
+earlier by `instructflow run`. Stopping serve (Ctrl-C, SIGTERM) stops the runner and every process under
+it (flow runs, DVC, stages: each at a safe point), then the server; nothing is left listening.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from instructflow import signals
 from instructflow.config import load_params
 from instructflow.errors import InstructflowError
 
@@ -75,5 +77,9 @@ def serve_pipeline(root: Path, cron: str | None = None, port: int = 4200) -> Non
         if not interrupted:
             raise
     finally:
+        # the flow runs the runner started, and the DVC and stage processes under them, stop at a safe point
+        # (SIGINT: as `instructflow run` stops), while the server is still there to record their states
+        killed = signals.stop_descendants(signal.SIGINT, keep_group=server.pid)
         stop_server(server)
-        print("stopped the runner and the Prefect server", flush=True)
+        print(f"stopped the runner, its flow runs and the Prefect server{f' (killed {killed})' if killed else ''}",
+              flush=True)

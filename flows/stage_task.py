@@ -9,6 +9,11 @@ What a stage task reports comes from DVC's own records, not from its log wording
 
 DVC takes a lock on the whole workspace, so stage tasks that Prefect may run side by side (the decoder
 and encoder tracks) take turns on `dvc repro` here; the graph stays the one the flow states.
+
+SIGTERM or SIGINT to the run (instructflow.signals): `dvc repro` runs in its own process group and gets
+the stop as SIGINT, which DVC leaves to its stage process (a safe point, a checkpoint, its MLflow run
+KILLED); DVC then fails the stage without touching dvc.lock. The stage's task run ends Crashed, the stages
+not started Cancelled, the flow run Crashed, the parent MLflow run KILLED, and the CLI exits 128 + signal.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import StateType
+from prefect.states import Cancelled, StateType
 
 from flows.guard import params_kept, preflight, run_lock
-from instructflow import env
+from instructflow import env, signals
 from instructflow.config import load_params, write_overrides
 from instructflow.errors import InstructflowError
 from instructflow.stages import sync_dvc_yaml
 from tasks.runtime import INVOCATION_ENV, read_lineage
-from tasks.tracking import PARENT_ENV, experiment_id
+from tasks.register import recover as recover_registry
+from tasks.tracking import PARENT_ENV, ended_as_killed_on_signal, experiment_id, mark_stale_runs, owner_tags
 from tasks.tracking import flatten
 
 # failures worth a retry: lock contention on DVC's repo lock or on the MLflow sqlite file, never a training error
@@ -110,17 +116,20 @@ def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit, timing: d
         if parent_run_id:
             env_vars[PARENT_ENV] = parent_run_id
         before = lock_entry(root, stage)
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
-                                env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        signals.check()  # stopping: no stage starts
+        proc = signals.spawn([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
+                             env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         tail: list[str] = []
         for line in proc.stdout:
             line = line.rstrip()
             if line and line not in QUIET:
                 emit(line)
                 tail = (tail + [line])[-25:]
-        code = proc.wait()
+        code = signals.wait(proc)  # DVC and every process it started
         after = lock_entry(root, stage)
         timing["seconds"] = time.perf_counter() - started
+    if code != 0 and signals.received() is not None:
+        raise signals.Interrupted(signals.received())  # a crash of the task run, not a failure of the stage
     if code != 0:
         text = "\n".join(tail)
         error = TransientStageFailure if any(t in text for t in TRANSIENT) else StageFailed
@@ -136,6 +145,8 @@ def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit, timing: d
 def run_stage(stage: str, ctx: "PipelineRun") -> dict:
     """One pipeline stage: its DVC stage, its log streamed into Prefect, its metrics read back."""
     logger = get_run_logger()
+    if signals.received() is not None:  # the run is stopping: this stage does not start
+        return Cancelled(message=f"not started: the pipeline run was stopped by {signals.name()}")
     timing: dict[str, float] = {}
     status = dvc_repro(stage, ctx.root, ctx.parent_run_id, logger.info, timing)
     wall = timing["seconds"]
@@ -174,6 +185,9 @@ class PipelineRun:
                 create_markdown_artifact(report.read_text(encoding="utf-8"), key="evaluation-report",
                                          description=f"instructflow evaluation ({self.params.preset} preset)")
         mlflow.set_tag("ran", ",".join(r["stage"] for r in self.results if r["status"] == "ran") or "none")
+        if signals.received() is not None:
+            cancel_unfinished([task_run_id for task_run_id, state in failures if not state.is_final()])
+            raise signals.Interrupted(signals.received())
         trained_otherwise = [r["stage"] for r in self.results if r["status"] == "ran" and
                              read_lineage(self.root, r["stage"]).get("params_hash") != self.params.digest()]
         if trained_otherwise:  # params.yaml was edited during the run: the parent run's params would not be true
@@ -188,13 +202,29 @@ class PipelineRun:
         return self.results
 
 
+def cancel_unfinished(task_run_ids: list) -> None:
+    """Stage task runs that never started because the run stopped (Prefect leaves them NotReady): Cancelled."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for task_run_id in task_run_ids:
+            client.set_task_run_state(task_run_id, Cancelled(message=f"the pipeline run was stopped by {signals.name()}"),
+                                      force=True)
+
+
 @contextmanager
 def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> Iterator[PipelineRun]:
-    """Validate params with the overrides (nothing runs on bad input), write them, sync dvc.yaml, open MLflow."""
+    """Validate params with the overrides (nothing runs on bad input), write them, sync dvc.yaml, open MLflow.
+
+    First of all, a registry transaction a killed register left half-done is settled, and MLflow runs left
+    RUNNING by killed processes are marked KILLED. A stop signal inside is taken by the stages (see above).
+    """
     logger = get_run_logger()
     project = env.setup(Path(root).resolve() if root else None)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    with run_lock(project):  # one run per checkout (flows/guard.py)
+    with run_lock(project), signals.handling(), signals.deferred():  # one run per checkout (flows/guard.py)
+        if (recovered := recover_registry(project)) is not None:
+            logger.warning(recovered)
         with _pipeline_run(preset, overrides, project, logger) as run:
             yield run
 
@@ -210,9 +240,12 @@ def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logge
             logger.info("dvc.yaml rendered again from the stage table (prepare.sources changed)")
     logger.info("pipeline: %s (preset %s, tracks: %s)", " -> ".join(params.stages()), params.preset,
                 ", ".join(t for t, on in params.tracks if on))
+    for run_id in mark_stale_runs(params.experiment):
+        logger.warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
     with mlflow.start_run(experiment_id=experiment_id(params.experiment, project), run_name="pipeline",
                           tags={"instructflow.stage": "pipeline", "instructflow.preset": params.preset,
-                                "instructflow.params_hash": params.digest()}) as parent:
+                                "instructflow.params_hash": params.digest(), **owner_tags()}) as parent, \
+            ended_as_killed_on_signal():
         mlflow.log_params({"preset": params.preset, "overrides": " ".join(overrides) or "-",
                            "stages": ",".join(params.stages())})
         # every resolved param, under the names the stage runs log theirs (align.beta, ...): what the stages read

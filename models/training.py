@@ -26,6 +26,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
+from instructflow import signals
 from instructflow.errors import NonFiniteError
 
 log = logging.getLogger("instructflow")
@@ -147,6 +148,23 @@ def rows_trained(n: int, settings: "LoopSettings", lengths: Sequence[int] | None
     return sorted(seen)
 
 
+def inputs_key(*parts: str | Path) -> str:
+    """A resume key: a hash of strings (e.g. the params digest) and of the bytes of files and folders (the input
+    model, the data), so a checkpoint is resumed only by a run on exactly the same inputs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            files = sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
+            for path in files:
+                digest.update(f"{path.relative_to(part) if part.is_dir() else path.name}\0".encode())
+                digest.update(path.read_bytes())
+        else:
+            digest.update(f"{part}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def _latest_checkpoint(folder: Path, key: str) -> Path | None:
     found = []
     for ckpt in folder.glob("step-*"):
@@ -156,6 +174,7 @@ def _latest_checkpoint(folder: Path, key: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+@signals.deferred()  # a stop signal is taken in the loop, after an optimiser step
 def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn: StepFn, settings: LoopSettings,
           *, eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
@@ -167,6 +186,11 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
 
     Checkpoints go to checkpoint_dir/step-N every save_steps (the last two are kept); with resume_key set,
     training resumes from the latest checkpoint written under the same key (e.g. a hash of the params).
+    A checkpoint holds the history logged so far: a resumed run hands those rows to on_log first and returns
+    them with its own, so its curve starts at step 1.
+
+    A stop signal (instructflow.signals) is taken after an optimiser step: with checkpoint_dir and
+    resume_key, a checkpoint of that step is saved first; then `signals.Interrupted` is raised.
     """
     if len(dataset) == 0:
         raise ValueError("training set is empty: nothing to train on")
@@ -183,14 +207,18 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
 
     step = 0
-    if checkpoint_dir is not None and resume_key is not None and settings.save_steps:
+    history: list[dict] = []
+    if checkpoint_dir is not None and resume_key is not None:
         ckpt = _latest_checkpoint(checkpoint_dir, resume_key)
         if ckpt is not None:
             accel.load_state(str(ckpt))
-            step = json.loads((ckpt / "loop.json").read_text())["step"]
-            log.info("resumed from %s at step %d", ckpt, step)
+            meta = json.loads((ckpt / "loop.json").read_text())
+            step, history = meta["step"], meta.get("history", [])
+            log.info("resumed from %s at step %d; %d logged rows before it carried over", ckpt, step, len(history))
+            for row in history:  # the run's record starts at step 1, as if it had never stopped
+                if on_log is not None:
+                    on_log(row["step"], row)
 
-    history: list[dict] = []
     window: dict[str, float] = {}
     n_micro, tokens, t0 = 0, 0, time.perf_counter()
     grad_norm = float("nan")
@@ -239,9 +267,17 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
                     on_log(step, row)
                 t0 = time.perf_counter()  # evaluation and logging do not count against training throughput
             if checkpoint_dir is not None and settings.save_steps and step % settings.save_steps == 0 and not last:
-                _save_checkpoint(accel, checkpoint_dir, step, resume_key or "")
+                _save_checkpoint(accel, checkpoint_dir, step, resume_key or "", history)
             if last:
                 break
+            if signals.received() is not None:  # the safe point: a whole optimiser step done
+                saved = ""
+                if checkpoint_dir is not None and resume_key is not None:
+                    if not (settings.save_steps and step % settings.save_steps == 0):  # else saved just above
+                        _save_checkpoint(accel, checkpoint_dir, step, resume_key, history)
+                    saved = f"; checkpoint {checkpoint_dir / f'step-{step}'} saved, a rerun resumes from it"
+                log.warning("stopped by %s after step %d/%d%s", signals.name(), step, settings.max_steps, saved)
+                signals.check()
         epoch, skip = epoch + 1, 0
     model.eval()
     return history
@@ -255,12 +291,12 @@ def _check_finite(settings: LoopSettings, step: int, values: dict[str, float]) -
             raise NonFiniteError(step, settings.max_steps, name, value, knobs)
 
 
-def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str) -> None:
+def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str, history: list[dict]) -> None:
     target = folder / f"step-{step}"
     tmp = folder / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     accel.save_state(str(tmp))
-    (tmp / "loop.json").write_text(json.dumps({"step": step, "key": key}))
+    (tmp / "loop.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # a crash mid-save never leaves a checkpoint that looks complete
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:

@@ -4,7 +4,10 @@ through the promotion gate, all or nothing (one transaction over every model).
 
 A new version gets the alias `challenger`; it becomes `champion` only when it beats the current champion
 on `register.metric` (its confidence interval included, with `register.use_ci`). If anything fails after
-an alias moved, the registry goes back to where it was (tasks.registry.registry_transaction).
+an alias moved, the registry goes back to where it was (tasks.registry.registry_transaction). Every
+version is made and every gate decided before the first alias moves, so the models of one run move
+together. Ctrl-C and SIGTERM roll back; after a SIGKILL the journal (checkpoints/register/transaction.json)
+tells the next run to complete the alias moves or to undo the versions (`recover`), and it says which.
 
 Same weights, no new version: a model folder whose weights (`weights_sha256`, a hash of its weight files)
 are those of the version a new one would replace -- the `challenger` or the `champion` (the latest
@@ -24,12 +27,13 @@ from pathlib import Path
 
 import yaml
 
+from instructflow import signals
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
 from instructflow.io import atomic_dir, write_json_atomic
 from tasks import registry
 from tasks.runtime import lineage_path, read_lineage, run_stage
-from tasks.tracking import StageRun
+from tasks.tracking import StageRun, owner_tags
 
 log = logging.getLogger("instructflow")
 
@@ -81,7 +85,18 @@ def lineage(params: Params, root: Path, made_by: list[str]) -> dict[str, str]:
     return tags
 
 
+def journal_path(root: Path) -> Path:
+    """Where an open registry transaction of this checkout keeps its journal (gone once it is over)."""
+    return root / "checkpoints" / "register" / "transaction.json"
+
+
+def recover(root: Path) -> str | None:
+    """Settle a registry transaction a killed register left half-done; what was done (None: nothing)."""
+    return registry.recover_transaction(journal_path(root))
+
+
 def body(params: Params, root: Path, run: StageRun) -> dict:
+    recover(root)
     cfg = params.register
     art = root / "artifacts"
     plan = []  # (model name, folder, transformers task, metrics, gate metric)
@@ -106,12 +121,20 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     tags = lineage(params, root, made_by)
 
     summary = {}
-    with registry.registry_transaction([name for name, *_ in plan]):
+    with registry.registry_transaction([name for name, *_ in plan], journal_path(root),
+                                       {**owner_tags(), "run_id": run.run_id}) as transaction:
+        decided = {}  # first every version and every decision, then the alias moves together
         for name, folder, task, metrics, gate_metric in plan:
             registration = registry.register_unless_same(name, folder, task, tags, metrics, run_id=run.run_id)
             version = registration.version.version
-            decision = registry.promote(name, version, gate_metric, cfg.greater_is_better, cfg.use_ci)
-            summary[name] = {"version": int(version), "skipped": registration.skipped is not None,
+            decided[name] = (registration, registry.gate(name, version, gate_metric, cfg.greater_is_better, cfg.use_ci))
+            signals.fault_point(f"register.registered.{name}")
+        transaction.commit({name: (reg.version.version, decision.promote) for name, (reg, decision) in decided.items()})
+        for name, (registration, decision) in decided.items():
+            registry.move_aliases(name, registration.version.version, decision)
+            signals.fault_point(f"register.moved.{name}")
+        for name, (registration, decision) in decided.items():
+            summary[name] = {"version": int(registration.version.version), "skipped": registration.skipped is not None,
                              "skip_reason": registration.skipped, "weights_sha256": registration.weights_sha256,
                              "promoted": decision.promote, "reason": decision.reason, "aliases": registry.aliases(name)}
         # the last step inside the transaction: if writing the record fails, the aliases move back

@@ -10,20 +10,26 @@ Every version also carries `weights_sha256`, a content hash of its weight files.
 a folder only when its weights differ from the version it would replace (`register_unless_same`): a rerun
 that trains byte-identical weights adds no version.
 
-`registry_transaction` makes a registration step all-or-nothing: if anything inside it fails, the
-aliases go back to where they were and the versions made inside are deleted.
+`registry_transaction` makes a registration step all-or-nothing: if anything inside it fails (an error,
+Ctrl-C, SIGTERM), the aliases go back to where they were and the versions made inside are deleted. With a
+journal file it survives SIGKILL too: the journal, written before the first change and removed after the
+last, holds what the registry looked like before and, once every version is made and every decision
+taken, the aliases the transaction is about to set. The next run (`recover_transaction`) finds it and
+completes the alias moves (when the journal has them) or undoes everything (when it does not).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,7 +38,9 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from instructflow import signals
 from instructflow.errors import InstructflowError
+from instructflow.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +379,13 @@ def metric_value(version: ModelVersion, metric_key: str) -> MetricValue:
 def promote(model_name: str, version: int | str, metric_key: str, greater_is_better: bool = True, use_ci: bool = True) -> Decision:
     """Point `challenger` at `version`, compare it with the `champion` through `decide`, and move
     `champion` to it when it wins. Wrap in `registry_transaction` to undo the moves if a later step fails."""
+    decision = gate(model_name, version, metric_key, greater_is_better, use_ci)
+    move_aliases(model_name, version, decision)
+    return decision
+
+
+def gate(model_name: str, version: int | str, metric_key: str, greater_is_better: bool = True, use_ci: bool = True) -> Decision:
+    """`promote`'s decision, without moving anything: whether `version` should become the champion."""
     client = MlflowClient()
     version = str(version)
     # read and check both metrics before moving anything, so a bad tag leaves the aliases alone
@@ -383,12 +398,17 @@ def promote(model_name: str, version: int | str, metric_key: str, greater_is_bet
         if champion_version is not None:
             champion = metric_value(with_retries(client.get_model_version, model_name, str(champion_version)), metric_key)
         decision = decide(challenger, champion, greater_is_better, use_ci, metric=metric_key)
+    return decision
 
+
+def move_aliases(model_name: str, version: int | str, decision: Decision) -> None:
+    """`challenger` to `version`, and `champion` too when the decision promotes it."""
+    client = MlflowClient()
+    version = str(version)
     with_retries(client.set_registered_model_alias, model_name, CHALLENGER, version)
-    if decision.promote and champion_version != int(version):
+    if decision.promote and aliases(model_name).get(CHAMPION) != int(version):
         with_retries(client.set_registered_model_alias, model_name, CHAMPION, version)
     log.info("%s version %s: %s", model_name, version, decision.reason)
-    return decision
 
 
 @dataclass(frozen=True)
@@ -421,32 +441,112 @@ def _restore(client: MlflowClient, name: str, before: _Snapshot) -> None:
             with_retries(client.delete_model_version, name, version.version)
 
 
+class Transaction:
+    """The open transaction `registry_transaction` yields: `commit` records the alias moves about to be made."""
+
+    def __init__(self, journal: Path | None, record: dict):
+        self.journal, self.record = journal, record
+
+    def commit(self, targets: dict[str, tuple[int | str, bool]]) -> None:
+        """Before the alias moves: model -> (its version, whether it becomes champion). After a SIGKILL from
+        here on, the next run completes these moves instead of undoing the transaction."""
+        self.record["targets"] = {name: {CHALLENGER: int(version), CHAMPION: int(version) if promoted else None}
+                                  for name, (version, promoted) in targets.items()}
+        if self.journal is not None:
+            write_json_atomic(self.journal, self.record)
+
+
+def _rollback(client: MlflowClient, before: dict[str, _Snapshot]) -> dict[str, Exception]:
+    failed = {}
+    for name, snapshot in before.items():
+        try:
+            _restore(client, name, snapshot)
+        except Exception as restore_error:  # noqa: BLE001  (reported by the caller)
+            failed[name] = restore_error
+    return failed
+
+
 @contextmanager
-def registry_transaction(model_names: list[str]) -> Iterator[None]:
+def registry_transaction(model_names: list[str], journal: Path | None = None,
+                         owner: dict[str, str] | None = None) -> Iterator[Transaction]:
     """All-or-nothing registry changes for `model_names`.
 
-    On an exception inside the block (Ctrl-C included) every alias goes back to the version it
-    pointed at on entry, aliases added inside are deleted, versions registered inside are deleted
+    On an exception inside the block (Ctrl-C and SIGTERM included) every alias goes back to the version
+    it pointed at on entry, aliases added inside are deleted, versions registered inside are deleted
     (a model first registered inside is deleted whole), and the exception is re-raised. If the
     restore itself fails, RollbackError is raised from the original exception, naming the models
     left changed. Runs and logged models stay in tracking: they record what was tried.
+
+    With `journal` (a file path), the state on entry is written there before anything changes and the
+    file is removed once the transaction is over (committed or rolled back): a file left behind means a
+    process died inside; `recover_transaction` settles it. `owner` (tags naming the process and its run)
+    goes into the journal.
     """
     client = MlflowClient()
     before = {name: _snapshot(client, name) for name in model_names}
+    record = {"owner": owner or {}, "pid": os.getpid(), "before": {name: asdict(s) for name, s in before.items()},
+              "targets": None}
+    if journal is not None:
+        write_json_atomic(journal, record)
     try:
-        yield
+        yield Transaction(journal, record)
     except BaseException as error:
-        failed = {}
-        for name, snapshot in before.items():
-            try:
-                _restore(client, name, snapshot)
-            except Exception as restore_error:  # noqa: BLE001  (reported below, with the original)
-                failed[name] = restore_error
-        if failed:
-            details = "; ".join(f"{name}: {problem}" for name, problem in failed.items())
-            raise RollbackError(f"registry rollback incomplete after {type(error).__name__}: {details}") from error
+        with signals.deferred():  # a second signal must not cut the rollback short
+            failed = _rollback(client, before)
+            if failed:
+                details = "; ".join(f"{name}: {problem}" for name, problem in failed.items())
+                raise RollbackError(f"registry rollback incomplete after {type(error).__name__}: {details}"
+                                    + (f"; the next run retries it ({journal})" if journal else "")) from error
+            if journal is not None:
+                journal.unlink(missing_ok=True)
         log.warning("registry changes to %s rolled back after %s: %s", model_names, type(error).__name__, error)
         raise
+    if journal is not None:
+        journal.unlink(missing_ok=True)
+
+
+def recover_transaction(journal: Path) -> str | None:
+    """Settle a transaction a killed process left half-done (its journal file); what was done, None if none.
+
+    Versions made and decisions taken (the journal has the alias targets): the alias moves are completed.
+    Otherwise everything is undone, as the transaction's own rollback would have done. A journal whose
+    process is still alive belongs to a register running now: left alone.
+    """
+    if not journal.is_file():
+        return None
+    from tasks.tracking import process_gone
+
+    record = json.loads(journal.read_text())
+    owner = record.get("owner", {})
+    if owner and not process_gone(owner):
+        log.warning("%s: a registry transaction of a live process (pid %s) is open; left alone", journal,
+                    owner.get("instructflow.pid"))
+        return None
+    client = MlflowClient()
+    who = f"pid {record.get('pid')}" + (f", MLflow run {owner['run_id']}" if owner.get("run_id") else "")
+    with signals.deferred():
+        targets = record.get("targets")
+        if targets:
+            for name, moves in targets.items():
+                with_retries(client.set_registered_model_alias, name, CHALLENGER, str(moves[CHALLENGER]))
+                if moves[CHAMPION] is not None:
+                    with_retries(client.set_registered_model_alias, name, CHAMPION, str(moves[CHAMPION]))
+            done = ("completed it: " + "; ".join(
+                f"{name} challenger -> v{m[CHALLENGER]}" + (f", champion -> v{m[CHAMPION]}" if m[CHAMPION] else "")
+                for name, m in targets.items()))
+        else:
+            before = {name: _Snapshot(**s) for name, s in record["before"].items()}
+            failed = _rollback(client, before)
+            if failed:
+                raise RollbackError(f"{journal}: undoing the half-done registry transaction ({who}) failed: "
+                                    + "; ".join(f"{name}: {problem}" for name, problem in failed.items()))
+            done = "rolled it back: " + "; ".join(
+                (f"{name} back to aliases {s.aliases or 'none'}, versions after v{s.last_version} deleted" if s.exists
+                 else f"{name} deleted (first registered inside)") for name, s in before.items())
+        journal.unlink()
+    message = f"registry transaction left half-done by a killed register ({who}): {done}"
+    log.warning(message)
+    return message
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from instructflow import env
+from instructflow import env, signals
 from instructflow.config import Params, load_params
 from instructflow.errors import InstructflowError
 from instructflow.io import atomic_dir, read_jsonl, write_json_atomic
@@ -143,11 +143,14 @@ def _track_off(root: Path, stage: str, params: Params) -> None:
     log.info("stage %s: its track is off in params.yaml (tracks: %s); nothing to do", stage, params.tracks.model_dump())
 
 
+@signals.handling()
 def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any]]) -> None:
     """Run a stage body under its MLflow run; write metrics/<stage>.json and lineage/<stage>.json.
 
     User errors (bad params, bad data) exit 2 with the message. A stage whose track params.yaml does not
     choose records just that, so DVC's lock stays complete and flipping the track on reruns it for real.
+    SIGTERM or SIGINT stops the stage at a safe point (training: after a step, with a checkpoint), ends its
+    MLflow run KILLED and exits 128 + the signal.
     """
     setup_logging()
     root = env.setup()
@@ -173,6 +176,11 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
         log.error("stage %s failed: %s", stage, exc)
         restore_outputs(root, stage)  # DVC removed them before this command: the last good ones come back
         sys.exit(2)
+    except signals.Interrupted as exc:
+        log.warning("stage %s stopped by %s: its MLflow run is KILLED, its outputs are left as they were",
+                    stage, signals.name(exc.signum))
+        restore_outputs(root, stage)
+        sys.exit(exc.exit_code)
     except BaseException:
         restore_outputs(root, stage)
         raise

@@ -3,11 +3,18 @@
 The Prefect flow opens the parent run and passes its id to the stage processes through the
 environment (INSTRUCTFLOW_PARENT_RUN_ID), which DVC hands on to the stage command unchanged.
 Under a bare `dvc repro` each stage gets a top-level run of its own.
+
+Every run records the process that owns it (tags `instructflow.pid`, `instructflow.host`,
+`instructflow.pid_started`). A run stopped by a signal ends KILLED (`instructflow.stopped_by` says which);
+a run whose process died without a word (SIGKILL, power cut) is marked KILLED by the next run that starts
+on the same host (`mark_stale_runs`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +22,13 @@ from typing import Any
 
 import mlflow
 
+from instructflow import signals
+
 PARENT_ENV = "INSTRUCTFLOW_PARENT_RUN_ID"
+PID_TAG, HOST_TAG, PID_STARTED_TAG = "instructflow.pid", "instructflow.host", "instructflow.pid_started"
+STOPPED_TAG = "instructflow.stopped_by"
+
+log = logging.getLogger("instructflow")
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -34,6 +47,64 @@ def experiment_id(name: str, root: Path) -> str:
     if found is not None:
         return found.experiment_id
     return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri())
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (seconds since the epoch, as text), None if there is no such process."""
+    import psutil
+
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process, so a later run can tell whether the run is still alive."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), PID_STARTED_TAG: _started(os.getpid()) or ""}
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process a run's tags name has ended (on this host; a run of another host is never judged)."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    started = _started(int(tags[PID_TAG]))
+    return started is None or (bool(tags.get(PID_STARTED_TAG)) and started != tags[PID_STARTED_TAG])  # pid reused
+
+
+def mark_stale_runs(experiment_name: str) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose process is gone; their ids.
+
+    Called as a pipeline run or a stage starts: a run killed outright (SIGKILL) otherwise stays RUNNING forever.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment_name)
+    if found is None:
+        return []
+    stale = []
+    for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        if process_gone(run.data.tags):
+            client.set_tag(run.info.run_id, STOPPED_TAG, "process gone (found by a later run)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+            log.warning("MLflow run %s (%s, pid %s) was RUNNING but its process is gone: marked KILLED",
+                        run.info.run_id, run.info.run_name, run.data.tags.get(PID_TAG))
+    return stale
+
+
+@contextmanager
+def ended_as_killed_on_signal() -> Iterator[None]:
+    """Inside an active MLflow run: a stop signal (or Ctrl-C) ends the run KILLED instead of FAILED."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        with signals.deferred():
+            how = signals.name(exc.signum) if isinstance(exc, signals.Interrupted) else "KeyboardInterrupt"
+            mlflow.set_tag(STOPPED_TAG, how)
+            mlflow.end_run("KILLED")
+        raise
 
 
 class StageRun:
@@ -65,10 +136,11 @@ def stage_run(stage: str, params, root: Path) -> Iterator[StageRun]:
     """Open the stage's MLflow run: params of its section, the resolved config as an artifact, tags."""
     exp = experiment_id(params.experiment, root)
     parent = os.environ.get(PARENT_ENV) or None
+    mark_stale_runs(params.experiment)
     tags = {"instructflow.stage": stage, "instructflow.preset": params.preset,
-            "instructflow.params_hash": params.digest()}
+            "instructflow.params_hash": params.digest(), **owner_tags()}
     with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent, nested=parent is not None,
-                          tags=tags) as run:
+                          tags=tags) as run, ended_as_killed_on_signal():
         section = getattr(params, stage, None)
         logged = {"preset": params.preset, "seed": params.seed}
         if section is not None:

@@ -36,6 +36,11 @@ def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) 
     return dest
 
 
+def pytest_configure(config):
+    # (here, not in pyproject.toml: editing that file makes `make` reinstall the venv)
+    config.addinivalue_line("markers", "faults: signals and kills sent to real pipeline processes, micro preset (slow)")
+
+
 class FakeRun:
     """Stands in for tasks.tracking.StageRun when a test calls a stage body without MLflow."""
 

@@ -121,18 +121,23 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroke
     # every batch is the same sentence, so data order cannot differ: an exact resume must give the same weights
     data, loop = repeated(tok), settings(max_steps=6, save_steps=2, warmup_ratio=0.2)
     unbroken = micro_decoder(tok)
-    train(unbroken, data, collate(tok), lm_step, loop)
+    unbroken_history = train(unbroken, data, collate(tok), lm_step, loop)
 
     with pytest.raises(RuntimeError, match="worker killed"):
         train(micro_decoder(tok), data, collate(tok), crash_on_call(5), loop, checkpoint_dir=tmp_path, resume_key="a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-4"]
-    assert json.loads((tmp_path / "step-4" / "loop.json").read_text()) == {"step": 4, "key": "a"}
+    meta = json.loads((tmp_path / "step-4" / "loop.json").read_text())
+    assert (meta["step"], meta["key"], [row["step"] for row in meta["history"]]) == (4, "a", [1, 2, 3, 4])
 
     resumed = micro_decoder(tok)
+    replayed = []
     with caplog.at_level(logging.INFO, logger="instructflow"):
-        history = train(resumed, data, collate(tok), lm_step, loop, checkpoint_dir=tmp_path, resume_key="a")
+        history = train(resumed, data, collate(tok), lm_step, loop, checkpoint_dir=tmp_path, resume_key="a",
+                        on_log=lambda step, row: replayed.append(step))
 
-    assert [row["step"] for row in history] == [5, 6]
+    # the whole history, from step 1: the rows before the resume come from the checkpoint (and go to on_log again)
+    assert [row["step"] for row in history] == replayed == [1, 2, 3, 4, 5, 6]
+    assert [row["loss"] for row in history] == pytest.approx([row["loss"] for row in unbroken_history], abs=1e-6)
     assert any("resumed from" in r.getMessage() and "at step 4" in r.getMessage() for r in caplog.records)
     # weights, optimiser moments and lr schedule all restored (measured: bit-identical; a fresh optimiser state
     # would move the weights by about lr = 3e-3)
@@ -180,7 +185,7 @@ def test_short_run_then_longer_run_resumes_at_the_checkpoint(tok, tmp_path):
     history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, settings(max_steps=6, save_steps=2),
                     checkpoint_dir=tmp_path, resume_key="a")
 
-    assert history[0]["step"] == 3 and history[-1]["step"] == 6
+    assert [row["step"] for row in history] == [1, 2, 3, 4, 5, 6]  # steps 1-2 carried over from the checkpoint
 
 
 def test_another_resume_key_starts_fresh(tok, tmp_path):
@@ -427,3 +432,36 @@ def test_rows_trained_are_exactly_the_rows_the_loop_draws():
         train(torch.nn.Linear(1, 1), data, collate, step, settings, lengths=lengths)
         assert rows_trained(37, settings, lengths) == sorted(set(drawn))
         assert len(set(drawn)) < 37 or max_steps * grad_accum >= 4  # a short run leaves rows undrawn
+
+
+def test_a_stop_signal_saves_a_checkpoint_after_the_step_and_the_rerun_resumes_there(tok, tmp_path, caplog):
+    import os
+    import signal
+
+    from instructflow import signals
+
+    def sigterm_on_call(n: int):
+        calls = {"n": 0}
+
+        def step_fn(model, batch):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGTERM)  # a real signal, taken by the handler mid-step
+            return lm_step(model, batch)
+        return step_fn
+
+    loop = settings(max_steps=6, save_steps=4)
+    try:
+        with signals.handling(), pytest.raises(signals.Interrupted) as stopped, \
+                caplog.at_level(logging.INFO, logger="instructflow"):
+            train(micro_decoder(tok), repeated(tok), collate(tok), sigterm_on_call(3), loop, checkpoint_dir=tmp_path,
+                  resume_key="a")
+    finally:
+        signals._received = None  # this process goes on: forget the stop
+    assert stopped.value.exit_code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]  # the step in flight was finished, then saved
+    assert any("stopped by SIGTERM after step 3/6" in r.getMessage() for r in caplog.records)
+
+    history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, loop, checkpoint_dir=tmp_path,
+                    resume_key="a")
+    assert [row["step"] for row in history] == [1, 2, 3, 4, 5, 6]
