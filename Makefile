@@ -46,7 +46,7 @@ serve: $(STAMP)
 	$(BIN)/instructflow serve
 
 mlflow-ui: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	exec env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 prefect-ui: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200

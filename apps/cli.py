@@ -204,6 +204,9 @@ def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
     except InstructflowError as exc:
         _fail(exc)
     from flows.pipeline import pipeline
+    from flows.serve import start_temporary_server
+
+    start_temporary_server()  # in its own session: a terminal's Ctrl-C reaches us, and we stop it last
 
     try:
         results = pipeline(preset=preset, overrides=set_ or [], root=str(project))

@@ -51,6 +51,28 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def start_temporary_server() -> None:
+    """Prefect's temporary server for this process (when no PREFECT_API_URL is set), in its own session.
+
+    Prefect starts it in the caller's process group, so a terminal's Ctrl-C killed it at once, before the flow
+    could record its stages as stopped (and the CLI then hung on its event clients). Started here first, it is
+    the one Prefect uses (its per-process instance); Ctrl-C reaches only the CLI, which stops the stages, records
+    their states, and stops the server at exit (Prefect's atexit).
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from functools import partial
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running:
+        return
+    with mock.patch.object(subprocess, "Popen", partial(subprocess.Popen, start_new_session=True)):
+        server.start()
+
+
 def serve_pipeline(root: Path, cron: str | None = None, port: int = 4200) -> None:
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings

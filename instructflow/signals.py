@@ -180,8 +180,11 @@ def stop_descendants(sig: int = signal.SIGINT, grace_s: float = GRACE_S, keep_gr
 
     def kept(proc) -> bool:
         try:
-            return keep_group is not None and os.getpgid(proc.pid) == keep_group
-        except ProcessLookupError:
+            if keep_group is not None and os.getpgid(proc.pid) == keep_group:
+                return True
+            # multiprocessing's resource tracker ignores SIGINT/SIGTERM and ends when this process does
+            return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
             return True
 
     procs = [p for p in psutil.Process().children(recursive=True) if not kept(p)]
