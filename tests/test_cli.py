@@ -38,6 +38,13 @@ class FakeDvc:
         self.calls.append((cmd, kwargs))
         return self.repro_rc
 
+    def spawn(self, cmd, **kwargs):  # instructflow.signals.spawn: `dvc repro` in its own process group
+        self.calls.append((cmd, kwargs))
+        return cmd
+
+    def wait(self, proc):  # instructflow.signals.wait
+        return self.repro_rc
+
 
 @pytest.fixture
 def wide(monkeypatch):
@@ -138,6 +145,8 @@ def test_stage_runs_dvc_repro_of_that_stage_and_exits_with_its_code(tmp_path, mo
     root = project(tmp_path)
     dvc = FakeDvc(repro_rc=3)
     monkeypatch.setattr(cli, "subprocess", dvc)
+    monkeypatch.setattr(cli.signals, "spawn", dvc.spawn)
+    monkeypatch.setattr(cli.signals, "wait", dvc.wait)
 
     result = invoke("stage", "sft", "--root", str(root))
 
