@@ -129,6 +129,8 @@ class AlignConfig(TrainConfig):
     algorithm: Literal["dpo"] = Field("dpo", description="preference optimisation algorithm")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss: sigmoid (Rafailov 2023) or ipo (Azar 2023)")
     beta: float = Field(0.1, gt=0, description="KL strength: higher keeps the policy closer to the SFT reference")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen responses' token-mean NLL added to the "
+                             "loss (RPO, Pang et al. 2024); 0: the plain DPO/IPO loss")
     max_length: int = Field(256, ge=16)
     lr: float = Field(5e-5, gt=0, le=1)
 

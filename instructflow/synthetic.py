@@ -232,12 +232,12 @@ def sft_record(task: Task) -> dict:
 def preference_record(task: Task) -> dict:
     """The canonical preference pair: the exact answer is chosen over the wrong one."""
     return {"prompt": [{"role": "user", "content": task.prompt}], "chosen": task.answer, "rejected": task.wrong,
-            "source": SOURCE}
+            "source": SOURCE, "task": task.kind}
 
 
 def unpaired_records(task: Task) -> list[dict]:
     """Two canonical unpaired rows: the exact answer labelled True, the wrong one False."""
     prompt = [{"role": "user", "content": task.prompt}]
-    return [{"prompt": prompt, "completion": task.answer, "label": True, "source": SOURCE},
-            {"prompt": prompt, "completion": task.wrong, "label": False, "source": SOURCE}]
+    return [{"prompt": prompt, "completion": task.answer, "label": True, "source": SOURCE, "task": task.kind},
+            {"prompt": prompt, "completion": task.wrong, "label": False, "source": SOURCE, "task": task.kind}]
 

@@ -92,6 +92,19 @@ def dpo_loss(
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
+def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the chosen responses of a batch: -sum(logps) / sum(tokens), both (B,).
+
+    The NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): added to the DPO loss
+    with weight alpha it keeps the chosen response's likelihood from falling, which plain DPO lets happen (TRL's
+    `rpo_alpha`).
+    """
+    total = chosen_lengths.sum()
+    if not total > 0:
+        raise ValueError(f"chosen_nll needs at least one chosen token, got lengths {chosen_lengths.tolist()}")
+    return -chosen_logps.sum() / total
+
+
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float | None = None
 ) -> torch.Tensor:

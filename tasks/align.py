@@ -15,7 +15,7 @@ import torch
 
 from instructflow.config import Params
 from models.decoder import collate_pairs
-from models.losses import dpo_loss, sequence_logprobs
+from models.losses import chosen_nll, dpo_loss, sequence_logprobs
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, for_inference, rows_trained, to_device, train
 from tasks.reward import cut_metrics, pair_lengths, preference_set
@@ -48,8 +48,8 @@ def add_reference_logps(ref_model, pairs: list[dict], collate, batch_size: int) 
 
 def loop_knobs(cfg) -> str:
     """The knobs that feed the DPO loss and its rewards, named in a non-finite error (models.training)."""
-    return (f"align.beta={cfg.beta:g}, align.loss_type={cfg.loss_type}, align.lr={cfg.lr:g}, "
-            f"align.max_grad_norm={cfg.max_grad_norm:g}")
+    return (f"align.beta={cfg.beta:g}, align.loss_type={cfg.loss_type}, align.rpo_alpha={cfg.rpo_alpha:g}, "
+            f"align.lr={cfg.lr:g}, align.max_grad_norm={cfg.max_grad_norm:g}")
 
 
 def make_step(cfg):
@@ -62,6 +62,10 @@ def make_step(cfg):
         metrics = {"reward_accuracy": float((r_chosen > r_rejected).float().mean()),
                    "reward_margin": float((r_chosen - r_rejected).mean()),
                    "chosen_reward": float(r_chosen.mean()), "rejected_reward": float(r_rejected.mean())}
+        if cfg.rpo_alpha > 0:  # RPO: DPO plus the NLL of the chosen responses
+            nll = chosen_nll(chosen, chosen_len.float())
+            loss = loss + cfg.rpo_alpha * nll
+            metrics["chosen_nll"] = float(nll)
         return loss, metrics, int(batch["attention_mask"].sum())
     return dpo_step
 

@@ -10,7 +10,8 @@ against its simple baseline on the same items, with a paired bootstrap interval 
 - sft: exact match of the SFT model against the base model (artifacts/pretrain), overall and per task kind;
 - reward: pairwise accuracy of the reward model against a TF-IDF pairwise model trained on the same training
   pairs and against "the longer response wins", on synthetic and on real held-out pairs separately;
-- align: the policy's win-rate against a tie with SFT (0.5), and its exact match against SFT's.
+- align: the policy's win-rate against a tie with SFT (0.5), overall and on synthetic and real prompts apart, and
+  its exact match against SFT's.
 """
 
 from __future__ import annotations
@@ -116,7 +117,25 @@ def reward_gains(reward_model, tok, train_rows: list[dict], eval_rows: list[dict
         length = length_baseline([(r["chosen"], r["rejected"]) for r, _ in rows])
         gains += [gain("reward", "accuracy", "tfidf", model, tfidf, subset=subset),
                   gain("reward", "accuracy", "length", model, length, subset=subset)]
+        if subset == "synthetic":  # per task kind: which slips the reward model catches (TF-IDF on the same pairs)
+            for kind in [k for k in KINDS if any(r.get("task") == k for r, _ in rows)]:
+                idx = [i for i, (r, _) in enumerate(rows) if r.get("task") == kind]
+                gains.append(gain("reward", "accuracy", "tfidf", [model[i] for i in idx], [tfidf[i] for i in idx],
+                                  subset=kind))
     return gains
+
+
+def judged_prompts(real: list[dict], preference_eval: list[dict], n: int) -> list[tuple[list[dict], str]]:
+    """Up to n (prompt messages, subset) the reward model judges: held-out synthetic task prompts, and real prompts
+    (the real eval prompts, then the real preference prompts); half each, a short subset's room going to the other.
+    """
+    pools = {"synthetic": [r["prompt"] for r in preference_eval if pair_subset(r) == "synthetic"],
+             "real": [r["messages"] for r in real] + [r["prompt"] for r in preference_eval
+                                                      if pair_subset(r) == "real"]}
+    take = {"synthetic": min(len(pools["synthetic"]), n // 2)}
+    take["real"] = min(len(pools["real"]), n - take["synthetic"])
+    take["synthetic"] = min(len(pools["synthetic"]), n - take["real"])
+    return [(m, subset) for subset in ("synthetic", "real") for m in pools[subset][: take[subset]]]
 
 
 def exact_match_gains(tasks: list[dict], hits: dict[str, list[float]], gain) -> list[Gain]:
@@ -185,11 +204,13 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     gains += reward_gains(reward_model, tok, read_prepared(root, "preference_train"),
                           read_prepared(root, "preference_eval"), params, gain)
 
-    # 4. real prompts: greedy and sampled generations, and sampled responses scored by the reward model
+    # 4. sampled responses of the policy and of SFT, judged by the reward model, on two subsets of prompts:
+    # `synthetic` (held-out task prompts, where the reward model knows right from wrong) and `real` (the real
+    # prompts, then the real preference prompts), reward_prompts in all, half each where both exist
     real = read_prepared(root, "prompts_eval")
-    pref_prompts = [r["prompt"] for r in read_prepared(root, "preference_eval")]
-    judged = ([r["messages"] for r in real] + pref_prompts)[: cfg.reward_prompts]
-    judged_ids = [fit_prompt(encode_prompt(tok, m), prompt_limit) for m in judged]
+    judged = judged_prompts(real, read_prepared(root, "preference_eval"), cfg.reward_prompts)
+    prompts_judged = [m for m, _ in judged]
+    judged_ids = [fit_prompt(encode_prompt(tok, m), prompt_limit) for m in prompts_judged]
     repeated = [ids for ids in judged_ids for _ in range(cfg.n_samples)]  # each prompt n_samples times
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     sample = partial(gen, **sampling)
@@ -199,13 +220,18 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         # the same random numbers for both models (common random numbers): a policy equal to its reference draws
         # the same samples and ties, so the win-rate measures the models, not the sampling noise
         texts = [decode(o) for o in gen_all(model, repeated, seed=params.seed, **sampling)]
-        scores = judge([m for m in judged for _ in range(cfg.n_samples)], texts)
+        scores = judge([m for m in prompts_judged for _ in range(cfg.n_samples)], texts)
         per_prompt = [sum(scores[j:j + cfg.n_samples]) / cfg.n_samples for j in range(0, len(scores), cfg.n_samples)]
         mean_reward[name] = per_prompt
         results[f"{name}_mean_reward"] = ci(per_prompt, cfg, params.seed)
     wins = win_rate(mean_reward["policy"], mean_reward["sft"])
     results["win_rate"] = ci(wins, cfg, params.seed)
     gains.append(gain("align", "win_rate", "tie", wins, [0.5] * len(wins)))
+    for subset in ("synthetic", "real"):
+        part = [w for w, (_, s) in zip(wins, judged) if s == subset]
+        if part and len(part) < len(wins):
+            results[f"win_rate_{subset}"] = ci(part, cfg, params.seed)
+            gains.append(gain("align", "win_rate", "tie", part, [0.5] * len(part), subset=subset))
 
     # 5. KL(policy || reference), Monte Carlo: E_{y ~ pi}[log pi(y|x) - log ref(y|x)]. The expectation is over
     # the policy's own distribution, so these samples are drawn at temperature 1 with no top-k / top-p cut.
@@ -226,7 +252,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         flat[key] = value["value"]
         flat[f"{key}_ci_low"] = value["ci_low"]
         flat[f"{key}_ci_high"] = value["ci_high"]
-    flat.update(n_exact_match=len(tasks), n_reward_pairs=len(pairs), n_judged_prompts=len(judged))
+    flat.update(n_exact_match=len(tasks), n_reward_pairs=len(pairs), n_judged_prompts=len(judged),
+                n_judged_synthetic=sum(s == "synthetic" for _, s in judged))
     order = {"sft": 0, "reward": 1, "align": 2}  # pipeline order in the table
     gains = sorted(gains, key=lambda g: order.get(g.stage, len(order)))
     flat.update(gain_metrics(gains))
@@ -237,9 +264,9 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         write_jsonl(out / "samples.jsonl", samples)
         with (out / "rewards.csv").open("w", newline="") as fh:  # per-prompt mean rewards: a DVC scatter plot
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["prompt", "policy_reward", "sft_reward"])
-            for i, (a, b) in enumerate(zip(mean_reward["policy"], mean_reward["sft"])):
-                writer.writerow([i, round(a, 5), round(b, 5)])
+            writer.writerow(["prompt", "subset", "policy_reward", "sft_reward"])
+            for i, (a, b, (_, subset)) in enumerate(zip(mean_reward["policy"], mean_reward["sft"], judged)):
+                writer.writerow([i, subset, round(a, 5), round(b, 5)])
         for name in ("evaluation.md", "samples.jsonl", "rewards.csv"):
             run.log_artifact(out / name, "report")
     return flat
@@ -260,7 +287,8 @@ def render_report(params: Params, results: dict, flat: dict, samples: list[dict]
               f"| sft_perplexity | {flat['sft_perplexity']:.3f} | |", "",
               f"Exact match over {len(tasks)} held-out synthetic tasks; reward accuracy over "
               f"{flat['n_reward_pairs']} held-out pairs; rewards and win-rate over {flat['n_judged_prompts']} prompts "
-              f"x {params.evaluate.n_samples} samples.", ""]
+              f"({flat['n_judged_synthetic']} held-out synthetic task prompts, the rest real) x "
+              f"{params.evaluate.n_samples} samples.", ""]
     lines += render_gains(gains, params.evaluate.confidence)
     lines += ["## Synthetic tasks (first 5)", ""]
     for row, pol, ref, base in list(zip(tasks, answers["policy"], answers["sft"], answers.get("base", ())))[:5]:
@@ -283,8 +311,9 @@ def render_gains(gains: list[Gain], confidence: float) -> list[str]:
              f"{confidence:.0%} paired bootstrap interval; a stage beats its baseline when the whole interval lies "
              "above 0. sft: the SFT model against the base model (pretrain) it started from. reward: the reward model "
              "against a TF-IDF pairwise logistic regression trained on the same pairs, and against \"the longer "
-             "response wins\" (ties half). align: the policy's win-rate against a tie with SFT (0.5), its exact match "
-             "against SFT's. The encoder track's gains are in metrics/classify.json (and the CLI summary).", ""]
+             "response wins\" (ties half). align: the policy's win-rate against a tie with SFT (0.5), overall and on "
+             "synthetic and real prompts apart (the reward model is a fair judge only where it beats its baselines), "
+             "its exact match against SFT's. The encoder track's gains are in metrics/classify.json (and the CLI summary).", ""]
     if not gains:
         return lines + ["No gains could be measured (no held-out synthetic tasks or preference pairs).", ""]
     lines += gain_table(gains, confidence)

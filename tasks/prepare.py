@@ -5,8 +5,8 @@ path, adds the synthetic tasks, and writes, all or nothing:
 
     pretrain_{train,eval}.jsonl    {"text", "source"}
     sft_{train,eval}.jsonl         {"messages", "source", "task", "answer"}
-    preference_{train,eval}.jsonl  {"prompt", "chosen", "rejected", "source"}
-    unpaired_{train,eval}.jsonl    {"prompt", "completion", "label", "source"}
+    preference_{train,eval}.jsonl  {"prompt", "chosen", "rejected", "source"[, "task"]}
+    unpaired_{train,eval}.jsonl    {"prompt", "completion", "label", "source"[, "task"]}
     prompts_eval.jsonl             {"messages", "reference", "source"}   real prompts for sample generation
     stats.json                     row counts per file and per source, duplicates dropped, rows capped
 """

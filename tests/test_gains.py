@@ -166,3 +166,19 @@ def test_flags_name_each_failing_comparison_grouped_by_stage():
         "does not beat its baseline: reward (accuracy (real): 0.55 vs TF-IDF 0.61, gain -0.060 [-0.120, +0.010]; "
         "accuracy (real): 0.55 vs length 0.5, gain +0.050 [+0.000, +0.100])"]
     assert baseline_flags(gains[:1] + gains[3:]) == []
+
+
+def test_judged_prompts_take_half_synthetic_half_real_and_give_a_short_subsets_room_away():
+    from tasks.evaluate import judged_prompts
+
+    real = [{"messages": [{"role": "user", "content": f"real {i}"}]} for i in range(2)]
+    pref = ([{"prompt": [{"role": "user", "content": f"task {i}"}], "source": "synthetic"} for i in range(5)]
+            + [{"prompt": [{"role": "user", "content": f"hh {i}"}], "source": "hh.jsonl"} for i in range(3)])
+    texts = lambda judged: [(m[0]["content"], s) for m, s in judged]
+    assert texts(judged_prompts(real, pref, 6)) == [("task 0", "synthetic"), ("task 1", "synthetic"),
+                                                    ("task 2", "synthetic"), ("real 0", "real"), ("real 1", "real"),
+                                                    ("hh 0", "real")]
+    # 5 real prompts in all: the synthetic side takes the rest of 12
+    assert [s for _, s in judged_prompts(real, pref, 12)].count("synthetic") == 5
+    assert [s for _, s in judged_prompts(real, pref, 12)].count("real") == 5
+    assert [s for _, s in judged_prompts(real, pref[5:], 4)] == ["real"] * 4  # no synthetic prompts

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.losses import (
+    chosen_nll,
     bradley_terry_loss,
     cosent_loss,
     cosine_similarity_loss,
@@ -209,3 +210,43 @@ def test_sentence_losses_reject_mismatched_shapes():
         cosent_loss(t(0.1, 0.2), t(1.0))
     with pytest.raises(ValueError, match=r"\(B, H\)"):
         in_batch_negatives_loss(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+# ---- chosen_nll (RPO's NLL term) -------------------------------------------------------
+
+def test_chosen_nll_is_the_token_mean_over_the_batch_hand_worked():
+    # two chosen responses: 1 token at log-prob -2, and 3 tokens summing to -4: (2 + 4) / (1 + 3) = 1.5
+    assert float(chosen_nll(torch.tensor([-2.0, -4.0]), torch.tensor([1.0, 3.0]))) == pytest.approx(1.5)
+
+
+def test_chosen_nll_needs_a_token():
+    with pytest.raises(ValueError, match="at least one chosen token"):
+        chosen_nll(torch.tensor([0.0]), torch.tensor([0.0]))
+
+
+def test_align_step_with_rpo_alpha_adds_exactly_alpha_times_the_chosen_nll():
+    from types import SimpleNamespace
+
+    from tasks.align import make_step
+
+    class Bigram(torch.nn.Module):  # logits from the current token alone: enough to give every label a log-prob
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = torch.nn.Embedding(7, 7)
+
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=self.table(input_ids))
+
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 0], [1, 2, 6, 4], [1, 2, 3, 0]])  # chosen x2, rejected x2
+    labels = torch.tensor([[-100, -100, 3, 4], [-100, -100, 5, -100], [-100, -100, 6, 4], [-100, -100, 3, -100]])
+    batch = {"input_ids": ids, "attention_mask": (labels != -100) | (ids != 0), "labels": labels,
+             "ref_chosen_logps": torch.tensor([-3.0, -2.0]), "ref_rejected_logps": torch.tensor([-3.0, -2.0])}
+    model = Bigram()
+    cfg = dict(loss_type="sigmoid", beta=0.1)
+    plain, metrics, _ = make_step(SimpleNamespace(rpo_alpha=0.0, **cfg))(model, batch)
+    rpo, rpo_metrics, _ = make_step(SimpleNamespace(rpo_alpha=0.5, **cfg))(model, batch)
+    logps, n = sequence_logprobs(model(ids).logits, labels)
+    nll = -(logps[:2].sum() / n[:2].sum())  # the chosen rows' token mean: 3 tokens
+    assert "chosen_nll" not in metrics and rpo_metrics["chosen_nll"] == pytest.approx(float(nll))
+    assert float(rpo - plain) == pytest.approx(0.5 * float(nll))

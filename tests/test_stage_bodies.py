@@ -362,8 +362,12 @@ def test_evaluate_writes_its_report_and_every_rate_lies_in_its_interval(project,
     expected = {"sft.exact_match.all.base", *(f"sft.exact_match.{k}.base" for k in kinds),
                 *(f"reward.accuracy.{subset}.{baseline}" for subset in ("synthetic", "real")
                   for baseline in ("tfidf", "length")),
-                "align.win_rate.all.tie", "align.exact_match.all.sft"}
-    assert set(gains) == expected and len(kinds) >= 2
+                "align.win_rate.all.tie", "align.exact_match.all.sft",
+                "align.win_rate.synthetic.tie", "align.win_rate.real.tie"}
+    pref_eval = [r for r in read_prepared(root, "preference_eval") if r["source"] == "synthetic"]
+    pair_kinds = sorted({r["task"] for r in pref_eval[: params.evaluate.max_eval_rows]})
+    expected |= {f"reward.accuracy.{k}.tfidf" for k in pair_kinds}
+    assert set(gains) == expected and len(kinds) >= 2 and len(pair_kinds) >= 2
     for g in gains.values():
         assert g.gain == pytest.approx(g.model_value - g.baseline_value), g.id
         assert g.ci_low <= g.gain <= g.ci_high and metrics[f"beats.{g.id}"] == float(g.ci_low > 0), g.id
@@ -374,6 +378,18 @@ def test_evaluate_writes_its_report_and_every_rate_lies_in_its_interval(project,
     assert gains["align.win_rate.all.tie"].model_value == metrics["win_rate"]
     assert gains["align.win_rate.all.tie"].baseline_value == 0.5
     assert gains["align.exact_match.all.sft"].model_value == metrics["exact_match"]
+    # win-rate on synthetic and on real prompts apart: half the judged prompts each, the same per-prompt outcomes
+    synthetic, real = gains["align.win_rate.synthetic.tie"], gains["align.win_rate.real.tie"]
+    assert synthetic.n == metrics["n_judged_synthetic"] == params.evaluate.reward_prompts // 2
+    assert synthetic.n + real.n == metrics["n_judged_prompts"]
+    assert (synthetic.model_value * synthetic.n + real.model_value * real.n) / metrics["n_judged_prompts"] == \
+        pytest.approx(metrics["win_rate"])
+    assert [r["subset"] for r in rewards] == ["synthetic"] * synthetic.n + ["real"] * real.n
+    # per task kind, the reward model's accuracy on the synthetic pairs adds up to its synthetic accuracy
+    per_kind = [gains[f"reward.accuracy.{k}.tfidf"] for k in pair_kinds]
+    assert sum(g.n for g in per_kind) == gains["reward.accuracy.synthetic.tfidf"].n
+    assert sum(g.model_value * g.n for g in per_kind) == pytest.approx(
+        gains["reward.accuracy.synthetic.tfidf"].model_value * gains["reward.accuracy.synthetic.tfidf"].n)
     # reward pairs split by source: synthetic and real (the demo's HH-RLHF pairs), scored separately
     for subset in ("synthetic", "real"):
         tfidf, length = gains[f"reward.accuracy.{subset}.tfidf"], gains[f"reward.accuracy.{subset}.length"]

@@ -106,5 +106,5 @@ def test_converters_make_canonical_rows():
     assert synthetic.sft_record(task) == {"messages": prompt + [{"role": "assistant", "content": "4"}],
                                           "source": "synthetic", "task": "arithmetic", "answer": "4"}
     assert synthetic.preference_record(task) == {"prompt": prompt, "chosen": "4", "rejected": "5",
-                                                 "source": "synthetic"}
+                                                 "source": "synthetic", "task": "arithmetic"}
     assert [(r["completion"], r["label"]) for r in synthetic.unpaired_records(task)] == [("4", True), ("5", False)]
