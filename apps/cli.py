@@ -186,7 +186,10 @@ def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
     if (project / "checkpoints" / "register" / "transaction.json").is_file():
         from tasks.register import recover
 
-        console.print(f"[yellow]{escape(recover(project) or '')}[/]")
+        try:
+            console.print(f"[yellow]{escape(recover(project) or '')}[/]")
+        except InstructflowError as exc:  # the undo failed (tasks.registry.RollbackError): the journal stays
+            _fail(exc)
     try:
         params = load_params(project / "params.yaml", set_ or [], preset)  # fail before Prefect starts
     except InstructflowError as exc:

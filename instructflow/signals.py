@@ -62,11 +62,18 @@ def check() -> None:
 
 
 def fault_point(point: str) -> None:
-    """Tests of crash recovery: die here, as a SIGKILL would, when INSTRUCTFLOW_FAULT names this point."""
-    if os.environ.get(FAULT_ENV) == point:
+    """Tests of crash recovery: when INSTRUCTFLOW_FAULT names this point, die here as a SIGKILL would; when it
+    is `<point>=wait`, wait here (up to 5 minutes) for a signal to be sent."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault == point:
         log.warning("fault point %s: killing this process (SIGKILL)", point)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"{point}=wait":
+        log.warning("fault point %s: waiting for a signal", point)
+        for _ in range(3000):
+            time.sleep(0.1)
+            check()
 
 
 def _signal_children(sig: int | None = None) -> None:

@@ -492,6 +492,9 @@ def registry_transaction(model_names: list[str], journal: Path | None = None,
         yield Transaction(journal, record)
     except BaseException as error:
         with signals.deferred():  # a second signal must not cut the rollback short
+            if journal is not None and record["targets"] is not None:  # from here on, a next run undoes too
+                record["targets"] = None
+                write_json_atomic(journal, record)
             failed = _rollback(client, before)
             if failed:
                 details = "; ".join(f"{name}: {problem}" for name, problem in failed.items())

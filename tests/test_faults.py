@@ -253,7 +253,8 @@ def register_faults(tmp_path_factory):
         return {"code": done.returncode, "log": done.stdout + done.stderr, "registry": state,
                 "journal": (root / "checkpoints" / "register" / "transaction.json").is_file()}
 
-    return {"sigterm": register(sigterm_after="registered instructflow-policy version"),
+    return {"sigterm": register("register.registered.instructflow-policy=wait",
+                                sigterm_after="fault point register.registered.instructflow-policy: waiting"),
             "undone": register("register.registered.instructflow-policy"),
             "repaired_then_killed": register("register.moved.instructflow-policy"),
             "completed": register(), "root": root}
