@@ -259,7 +259,7 @@ def test_align_with_a_huge_beta_stops_naming_beta_not_a_traceback(tok):
         train(micro_decoder(tok), pairs, partial(collate_pairs, pad_id=tok.pad_token_id), make_step(cfg), loop)
 
     assert caught.value.step == 1
-    assert f"it is fed by align.beta=1e+39, align.loss_type=sigmoid, align.lr={cfg.lr:g}, align.max_grad_norm=" \
+    assert f"it is fed by align.beta=1e+39, align.loss_type=sigmoid, align.rpo_alpha=0, align.lr={cfg.lr:g}, align.max_grad_norm=" \
         in str(caught.value)
 
 
