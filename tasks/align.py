@@ -65,7 +65,7 @@ def make_step(cfg):
         if cfg.rpo_alpha > 0:  # RPO: DPO plus the NLL of the chosen responses
             nll = chosen_nll(chosen, chosen_len.float())
             loss = loss + cfg.rpo_alpha * nll
-            metrics["chosen_nll"] = float(nll)
+            metrics["chosen_nll"] = float(nll.detach())
         return loss, metrics, int(batch["attention_mask"].sum())
     return dpo_step
 

@@ -230,16 +230,16 @@ def test_register_adds_the_embedder_to_the_encoder_track_all_or_nothing(project,
             return register_stage.body(params, project, run)
 
     try:
-        # when the embedder's promotion fails, after the encoder and the classifier were registered and promoted
-        promote = registry.promote
+        # when the embedder's alias move fails, after the encoder's and the classifier's aliases moved
+        move_aliases = registry.move_aliases  # the last step: the other two have moved theirs by then
 
         def failing(name, *args, **kwargs):
             if name == "instructflow-embedder":
                 raise RuntimeError("registry went away")
-            return promote(name, *args, **kwargs)
+            return move_aliases(name, *args, **kwargs)
 
         with monkeypatch.context() as mp:
-            mp.setattr(registry, "promote", failing)
+            mp.setattr(registry, "move_aliases", failing)
             with pytest.raises(RuntimeError, match="registry went away"):
                 run_register()
         # then nothing of that run is left: no version of any of the three, no record
