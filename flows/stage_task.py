@@ -233,6 +233,7 @@ def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> 
 def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logger) -> Iterator[PipelineRun]:
     params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage
     preflight(project, params, params.stages())  # every source and input, before DVC removes any output
+    experiment = experiment_id(params.experiment, project)  # a store shared with another clone fails here too
     with params_kept(project):
         if write_overrides(project / "params.yaml", overrides, preset):
             logger.info("params.yaml updated: preset=%s %s", params.preset, " ".join(overrides))
@@ -242,7 +243,7 @@ def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logge
                 ", ".join(t for t, on in params.tracks if on))
     for run_id in mark_stale_runs(params.experiment):
         logger.warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
-    with mlflow.start_run(experiment_id=experiment_id(params.experiment, project), run_name="pipeline",
+    with mlflow.start_run(experiment_id=experiment, run_name="pipeline",
                           tags={"instructflow.stage": "pipeline", "instructflow.preset": params.preset,
                                 "instructflow.params_hash": params.digest(), **owner_tags()}) as parent, \
             ended_as_killed_on_signal():

@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import mlflow
 
 from instructflow import signals
+from instructflow.errors import InstructflowError
 
 PARENT_ENV = "INSTRUCTFLOW_PARENT_RUN_ID"
 PID_TAG, HOST_TAG, PID_STARTED_TAG = "instructflow.pid", "instructflow.host", "instructflow.pid_started"
@@ -42,11 +44,35 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def experiment_id(name: str, root: Path) -> str:
-    """The experiment, created with its artifacts in the project's mlartifacts/ folder."""
+    """The experiment, created with its artifacts in the project's mlartifacts/ folder.
+
+    An experiment found in the store must keep its artifacts where this checkout may write them: on a server
+    (`mlflow-artifacts:`, s3, gs, ...) or in this project's folder. A store shared by two clones (one sqlite
+    file) would otherwise put this clone's models into the other clone's mlartifacts/: that is refused.
+    """
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        check_artifact_home(found.name, found.artifact_location, root)
         return found.experiment_id
     return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri())
+
+
+def check_artifact_home(experiment: str, location: str, root: Path) -> None:
+    """Refuse a local artifact location outside this project (another clone's folder), naming both."""
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # a tracking server's artifact store or an object store: meant to be shared
+    where = Path(unquote(parsed.path)).resolve()
+    here = root.resolve()
+    if where == here or here in where.parents:
+        return
+    raise InstructflowError(
+        f"MLflow experiment {experiment!r} in the tracking store {mlflow.get_tracking_uri()} keeps its artifacts "
+        f"in {where}, outside this project ({here}): another checkout shares this store, and this run would "
+        f"write its models into that checkout's folder. Share runs through a tracking server instead "
+        f"(`mlflow server --backend-store-uri postgresql://... --artifacts-destination ...`, then "
+        f"MLFLOW_TRACKING_URI=http://host:5000), or give this checkout its own store (unset MLFLOW_TRACKING_URI: "
+        f"the default is ./mlflow.db) or its own experiment (`experiment:` in params.yaml)")
 
 
 def _started(pid: int) -> str | None:

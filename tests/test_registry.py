@@ -615,3 +615,26 @@ def test_register_of_the_champions_weights_again_points_the_challenger_back_at_i
     model = back["record"]["models"][reward_name]
     assert model["skipped"] is True and model["skip_reason"].startswith("weights identical to version 1 (champion)")
     assert model["reason"] == f"{reward_name} version 1 is already the champion"
+
+
+def test_a_store_whose_experiment_keeps_artifacts_in_another_checkout_is_refused(tmp_path, monkeypatch):
+    from tasks.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        first, second = tmp_path / "clone-a", tmp_path / "clone-b"
+        first.mkdir(), second.mkdir()
+        made = experiment_id("shared", first)  # clone A made the experiment: artifacts in clone-a/mlartifacts
+        assert experiment_id("shared", first) == made
+        with pytest.raises(InstructflowError) as caught:
+            experiment_id("shared", second)  # clone B, same sqlite store
+        message = str(caught.value)
+        assert f"keeps its artifacts in {(first / 'mlartifacts').resolve()}" in message
+        assert f"outside this project ({second.resolve()})" in message and "tracking server" in message
+        # an experiment on a server's artifact store is shared by design
+        mlflow.create_experiment("served", artifact_location="mlflow-artifacts:/served")
+        assert experiment_id("served", second)
+    finally:
+        mlflow.set_tracking_uri(None)
