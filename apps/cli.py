@@ -195,7 +195,8 @@ def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
     except InstructflowError as exc:
         _fail(exc)
     started = time.perf_counter()
-    if not set_ and preset in (None, load_params(project / "params.yaml").preset) and nothing_to_do(project):
+    # overrides that params.yaml already holds change nothing (the same resolved params): still a no-op
+    if params.digest() == load_params(project / "params.yaml").digest() and nothing_to_do(project):
         # every stage is up to date: say so from DVC's records, without starting Prefect's server for a no-op
         results = [{"stage": name, "status": "off" if not params.chosen(name) else "skipped", "wall_s": 0.0,
                     "metrics": stage_figures(project, name)} for name in NAMES]

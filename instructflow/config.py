@@ -102,7 +102,7 @@ class PretrainConfig(TrainConfig):
     seq_len: int = Field(128, ge=8, description="packed sequence length (tokens)")
     lr: float = Field(1e-3, gt=0, le=1)
     save_steps: int = Field(200, ge=1, description="checkpoint every N steps into checkpoints/pretrain (resumable)")
-    resume: bool = Field(True, description="resume from the latest checkpoint made with the same params")
+    resume: bool = Field(True, description="resume from the latest checkpoint made with the same params, tokenizer and data")
 
 
 class LoraConfig(Section):

@@ -29,6 +29,7 @@ FAULT_ENV = "INSTRUCTFLOW_FAULT"  # tests: the name of a fault point at which th
 
 _received: int | None = None
 _deferred = 0
+_generation = 0  # bumped by reset(): an escalation timer of an earlier stop then does nothing
 _children: dict[int, int] = {}  # pid (= process group) -> the signal that asks it to stop
 _lock = threading.Lock()
 
@@ -86,11 +87,22 @@ def _signal_children(sig: int | None = None) -> None:
             pass
 
 
+def reset() -> None:
+    """Forget a stop this process has handled and goes on from (tests): a pending escalation is called off."""
+    global _received, _generation
+    with _lock:
+        _received = None
+        _generation += 1
+
+
 def _escalate_after(seconds: float) -> None:
+    started = _generation
+
     def kill_late() -> None:
         time.sleep(seconds)
         with _lock:
-            late = list(_children)
+            # only the children of the stop that started this timer: after a reset, later children are not its
+            late = list(_children) if _received is not None and _generation == started else []
         if late:
             log.warning("children %s still running %.0f s after %s: killing them", late, seconds, name())
             _signal_children(signal.SIGKILL)

@@ -19,7 +19,7 @@ from models.losses import chosen_nll, dpo_loss, sequence_logprobs
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, for_inference, rows_trained, to_device, train
 from tasks.reward import cut_metrics, pair_lengths, preference_set
-from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
 from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
@@ -106,7 +106,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                 "reward_margin": sum(r[1]["reward_margin"] for r in rows) / len(rows)}
 
     history = train(policy, train_set, collate, step, settings, eval_fn=evaluate, on_log=run.log_step,
-                    lengths=lengths)
+                    lengths=lengths,
+                    **resumable(root, "align", params, root / "artifacts" / "sft", root / "data" / "prepared"))
     with stage_output(root, "align", run, model=policy, tokenizer=tok, history=history):
         pass
     metrics = final_metrics(history, ("loss", "reward_accuracy", "eval_loss", "eval_reward_accuracy",

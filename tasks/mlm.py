@@ -31,7 +31,7 @@ from models.encoder import (
 )
 from models.tokenizer import load_tokenizer
 from models.training import LoopSettings, to_device, train
-from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
 from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
@@ -161,7 +161,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     model = ChosenPositionsMLM(mlm)
     history = train(model, train_set, MaskingCollate(tok, cfg.mlm_probability, seed=params.seed), mlm_step,
                     LoopSettings.from_config(cfg, params.seed),
-                    eval_fn=lambda m: masked_eval(m, eval_batches), on_log=run.log_step)
+                    eval_fn=lambda m: masked_eval(m, eval_batches), on_log=run.log_step,
+                    **resumable(root, "mlm", params, root / "artifacts" / "tokenizer", root / "data" / "prepared"))
 
     with stage_output(root, "mlm", run, model=mlm, tokenizer=tok, history=history):
         pass

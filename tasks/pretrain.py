@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
 from tasks.tracking import StageRun
 from models.decoder import build_decoder, lm_eval_loss, lm_step, pack
 from models.tokenizer import load_tokenizer
@@ -44,13 +43,15 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
              n_params / 1e6, len(train_set), cfg.seq_len, len(train_set) * cfg.seq_len, len(eval_set))
     eval_batches = [collate_blocks(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
     settings = LoopSettings.from_config(cfg, params.seed)
+    # a crashed or stopped run resumes on the same params, tokenizer and data (pretrain.resume: false starts over)
+    checkpoints = resumable(root, "pretrain", params, root / "artifacts" / "tokenizer", root / "data" / "prepared")
+    if not cfg.resume:
+        checkpoints["resume_key"] = None
     history = train(model, train_set, collate_blocks, lm_step, settings,
                     eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)},
-                    on_log=run.log_step, checkpoint_dir=root / "checkpoints" / "pretrain",
-                    resume_key=params.digest() if cfg.resume else None)
+                    on_log=run.log_step, **checkpoints)
     with stage_output(root, "pretrain", run, model=model, tokenizer=tok, history=history):
         pass
-    shutil.rmtree(root / "checkpoints" / "pretrain", ignore_errors=True)  # only a crashed run resumes
     metrics = final_metrics(history, ("loss", "eval_loss", "tokens_per_sec"))
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     metrics["n_params"] = n_params

@@ -15,7 +15,7 @@ from models.decoder import collate_pairs, reward_scores
 from models.losses import bradley_terry_loss
 from models.tokenizer import load_tokenizer, preference_example
 from models.training import LoopSettings, train
-from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
 from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
@@ -90,7 +90,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                                         knobs=f"reward.lr={cfg.lr:g}, reward.max_grad_norm={cfg.max_grad_norm:g}")
     history = train(model, train_set, collate, reward_step, settings,
                     eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step,
-                    lengths=pair_lengths(train_set))
+                    lengths=pair_lengths(train_set),
+                    **resumable(root, "reward", params, root / "artifacts" / "sft", root / "data" / "prepared"))
     with stage_output(root, "reward", run, model=model, tokenizer=tok, history=history):
         pass
     metrics = final_metrics(history, ("loss", "accuracy", "eval_loss", "eval_accuracy", "tokens_per_sec"))

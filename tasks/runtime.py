@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -120,7 +121,8 @@ def stage_output(root: Path, stage: str, run: StageRun, *, model=None, tokenizer
     """The one save tail of every stage: a temporary folder that replaces the stage's output at the end.
 
     The model and tokenizer (Hugging Face folders) and the training history (history.csv, loss.png) are
-    written for the stage; the block may add its own files to the yielded folder.
+    written for the stage; the block may add its own files to the yielded folder. Once the output is in place
+    the stage's checkpoints (checkpoints/<stage>, see `resumable`) are removed: only a stopped run resumes.
     """
     with atomic_dir(output_dir(root, stage)) as out:
         if model is not None:
@@ -130,6 +132,22 @@ def stage_output(root: Path, stage: str, run: StageRun, *, model=None, tokenizer
         if history:
             save_history(history, stage, out, run)
         yield out
+    shutil.rmtree(checkpoint_dir(root, stage), ignore_errors=True)
+
+
+def checkpoint_dir(root: Path, stage: str) -> Path:
+    return root / "checkpoints" / stage
+
+
+def resumable(root: Path, stage: str, params: Params, *inputs: Path) -> dict[str, Any]:
+    """train()'s checkpoint arguments: checkpoints/<stage>, keyed on the params and the bytes of the inputs.
+
+    A run stopped by a signal saves a checkpoint of the step it finished (and one every save_steps); a rerun on
+    the same params and the same input model and data resumes from it, its history carried over.
+    """
+    from models.training import inputs_key  # (torch: not for the stages that do not train)
+
+    return {"checkpoint_dir": checkpoint_dir(root, stage), "resume_key": inputs_key(params.digest(), *inputs)}
 
 
 def _track_off(root: Path, stage: str, params: Params) -> None:

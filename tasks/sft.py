@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 from functools import partial
 from pathlib import Path
 
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
-from tasks.runtime import final_metrics, read_prepared, run_stage, stage_output
+from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
 from tasks.tracking import StageRun
 from models.decoder import collate_lm, lm_eval_loss, lm_step
 from models.tokenizer import chat_example, load_tokenizer
-from models.training import LoopSettings, inputs_key, perplexity, train
+from models.training import LoopSettings, perplexity, train
 
 log = logging.getLogger("instructflow")
 
@@ -63,17 +62,15 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     settings = LoopSettings.from_config(cfg, params.seed, knobs=f"sft.lr={cfg.lr:g}, sft.max_grad_norm="
                                         f"{cfg.max_grad_norm:g}, sft.method={cfg.method}")
     # a run stopped by a signal leaves a checkpoint; a rerun on the same params, base model and data resumes it
-    resume_key = inputs_key(params.digest(), root / "artifacts" / "pretrain", root / "data" / "prepared")
     history = train(model, train_set, collate, lm_step, settings,
                     eval_fn=lambda m: {"loss": lm_eval_loss(m, eval_batches)}, on_log=run.log_step,
-                    checkpoint_dir=root / "checkpoints" / "sft", resume_key=resume_key)
+                    **resumable(root, "sft", params, root / "artifacts" / "pretrain", root / "data" / "prepared"))
     # not length-grouped (train(lengths=...)): measured on tiny, it halves the SFT time but exact match on the
     # held-out synthetic tasks fell from 0.135 to 0.04 (short synthetic rows then share batches only with each other)
     if cfg.method == "lora":
         model = model.merge_and_unload()  # a plain model: registered and loaded like a full fine-tune
     with stage_output(root, "sft", run, model=model, tokenizer=tok, history=history):
         pass
-    shutil.rmtree(root / "checkpoints" / "sft", ignore_errors=True)  # only a stopped run resumes
     metrics = final_metrics(history, ("loss", "eval_loss", "tokens_per_sec"))
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     metrics["trainable_params"] = trainable

@@ -81,6 +81,13 @@ def test_the_cli_answers_a_no_op_run_from_dvc_without_starting_prefect(project):
     assert result.exit_code == 0, result.output
     assert "Nothing changed since the last run" in result.output
     assert "ran " not in result.output and "skipped" in result.output  # and no MLflow parent run (next test: 2)
+    # overrides that params.yaml already holds (the same resolved params) are a no-op too
+    from instructflow.config import load_params
+
+    beta = load_params(root / "params.yaml").align.beta
+    again = CliRunner().invoke(app, ["run", "--root", str(root), "--set", f"align.beta={beta}"])
+    assert again.exit_code == 0, again.output
+    assert "Nothing changed since the last run" in again.output
 
 
 def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage(project):

@@ -457,7 +457,7 @@ def test_a_stop_signal_saves_a_checkpoint_after_the_step_and_the_rerun_resumes_t
             train(micro_decoder(tok), repeated(tok), collate(tok), sigterm_on_call(3), loop, checkpoint_dir=tmp_path,
                   resume_key="a")
     finally:
-        signals._received = None  # this process goes on: forget the stop
+        signals.reset()  # this process goes on: forget the stop (and call off its escalation timer)
     assert stopped.value.exit_code == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]  # the step in flight was finished, then saved
     assert any("stopped by SIGTERM after step 3/6" in r.getMessage() for r in caplog.records)
@@ -465,3 +465,58 @@ def test_a_stop_signal_saves_a_checkpoint_after_the_step_and_the_rerun_resumes_t
     history = train(micro_decoder(tok), repeated(tok), collate(tok), lm_step, loop, checkpoint_dir=tmp_path,
                     resume_key="a")
     assert [row["step"] for row in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stage_resumes_only_on_the_same_params_and_input_bytes_and_drops_its_checkpoints_once_saved(tmp_path):
+    from conftest import FakeRun
+
+    from tasks.runtime import resumable, stage_output
+
+    params = load_params(PARAMS, preset="micro")
+    model_dir, data = tmp_path / "artifacts" / "sft", tmp_path / "data" / "prepared"
+    model_dir.mkdir(parents=True), data.mkdir(parents=True)
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    (data / "preference_train.jsonl").write_text('{"a": 1}\n')
+    first = resumable(tmp_path, "reward", params, model_dir, data)
+    assert first["checkpoint_dir"] == tmp_path / "checkpoints" / "reward"
+    assert resumable(tmp_path, "reward", params, model_dir, data) == first  # same inputs: resumes
+    (data / "preference_train.jsonl").write_text('{"a": 2}\n')  # the data changed: a new key, no resume
+    changed = resumable(tmp_path, "reward", params, model_dir, data)["resume_key"]
+    assert changed != first["resume_key"]
+    other = load_params(PARAMS, preset="micro", overrides=["reward.lr=0.5"])
+    assert resumable(tmp_path, "reward", other, model_dir, data)["resume_key"] != changed  # other params
+
+    (tmp_path / "checkpoints" / "reward" / "step-4").mkdir(parents=True)  # left by a stopped run
+    (tmp_path / "checkpoints" / "align" / "step-2").mkdir(parents=True)
+    with stage_output(tmp_path, "reward", FakeRun()) as out:
+        (out / "config.json").write_text("{}")
+    assert not (tmp_path / "checkpoints" / "reward").exists()  # the stage's output is in place: no resume
+    assert (tmp_path / "checkpoints" / "align" / "step-2").is_dir()  # another stage's are its own
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_the_escalation_of_a_stop_kills_its_children_unless_the_process_went_on(reset):
+    # a stop's grace timer SIGKILLs the children still running when it fires; once the process has handled the stop
+    # and goes on (signals.reset), the timer is called off: a child started later is not the stop's to kill
+    import signal
+    import subprocess
+    import time
+
+    from instructflow import signals
+
+    signals._received = signal.SIGTERM  # as the handler records a stop
+    signals._escalate_after(0.3)
+    if reset:
+        signals.reset()
+    child = subprocess.Popen(["sleep", "10"], start_new_session=True)
+    with signals._lock:
+        signals._children[child.pid] = signal.SIGINT
+    try:
+        time.sleep(1.0)
+        assert (child.poll() is None) is reset
+    finally:
+        with signals._lock:
+            signals._children.pop(child.pid, None)
+        signals.reset()
+        child.kill()
+        child.wait()
