@@ -5,6 +5,7 @@ One atomic writer (`atomic_file`) and one atomic folder (`atomic_dir`) serve eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -72,3 +73,18 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def inputs_key(*parts: str | Path) -> str:
+    """A resume key: a hash of strings (e.g. the params digest) and of the bytes of files and folders (the input
+    model, the data), so a checkpoint is resumed only by a run on exactly the same inputs."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            files = sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
+            for path in files:
+                digest.update(f"{path.relative_to(part) if part.is_dir() else path.name}\0".encode())
+                digest.update(path.read_bytes())
+        else:
+            digest.update(f"{part}\0".encode())
+    return digest.hexdigest()[:16]

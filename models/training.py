@@ -148,23 +148,6 @@ def rows_trained(n: int, settings: "LoopSettings", lengths: Sequence[int] | None
     return sorted(seen)
 
 
-def inputs_key(*parts: str | Path) -> str:
-    """A resume key: a hash of strings (e.g. the params digest) and of the bytes of files and folders (the input
-    model, the data), so a checkpoint is resumed only by a run on exactly the same inputs."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, Path):
-            files = sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
-            for path in files:
-                digest.update(f"{path.relative_to(part) if part.is_dir() else path.name}\0".encode())
-                digest.update(path.read_bytes())
-        else:
-            digest.update(f"{part}\0".encode())
-    return digest.hexdigest()[:16]
-
-
 def _latest_checkpoint(folder: Path, key: str) -> Path | None:
     found = []
     for ckpt in folder.glob("step-*"):

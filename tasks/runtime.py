@@ -26,7 +26,7 @@ from typing import Any
 from instructflow import env, signals
 from instructflow.config import Params, load_params
 from instructflow.errors import InstructflowError
-from instructflow.io import atomic_dir, read_jsonl, write_json_atomic
+from instructflow.io import atomic_dir, inputs_key, read_jsonl, write_json_atomic
 from instructflow.stages import stage as stage_named
 from tasks.keep import restore_outputs
 from tasks.tracking import StageRun, stage_run
@@ -145,8 +145,6 @@ def resumable(root: Path, stage: str, params: Params, *inputs: Path) -> dict[str
     A run stopped by a signal saves a checkpoint of the step it finished (and one every save_steps); a rerun on
     the same params and the same input model and data resumes from it, its history carried over.
     """
-    from models.training import inputs_key  # (torch: not for the stages that do not train)
-
     return {"checkpoint_dir": checkpoint_dir(root, stage), "resume_key": inputs_key(params.digest(), *inputs)}
 
 
