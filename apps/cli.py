@@ -235,7 +235,11 @@ def stage(name: Annotated[str, typer.Argument(help="stage name, e.g. pretrain")]
 def _stage(project: Path, name: str) -> None:
     try:  # params, sources and inputs of the stage and those before it, before DVC removes any output
         stage_named(name)
-        preflight(project, load_params(project / "params.yaml"), upstream_closure(name))
+        params = load_params(project / "params.yaml")
+        preflight(project, params, upstream_closure(name))
+        from tasks.tracking import experiment_id
+
+        experiment_id(params.experiment, project)  # an MLflow store shared with another clone: refused here too
         sync_dvc_yaml(project)
     except InstructflowError as exc:
         _fail(exc)
