@@ -55,8 +55,10 @@ def wide(monkeypatch):
 @pytest.fixture(autouse=True)
 def _own_root(tmp_path, monkeypatch):
     """Every test's project is tmp_path, also for a late `env.setup()` (importing `tasks` runs one; see
-    test_status_reads_the_registry_of_the_root_it_is_given), so no test touches the checkout's MLflow store."""
+    test_status_reads_the_registry_of_the_root_it_is_given), so no test touches the checkout's MLflow store:
+    not even the one `make test` names in MLFLOW_TRACKING_URI: each test has its own, tmp_path/mlflow.db."""
     monkeypatch.setenv("INSTRUCTFLOW_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def invoke(*args: str):
