@@ -68,8 +68,8 @@ def check_artifact_home(experiment: str, location: str, root: Path) -> None:
         return
     raise InstructflowError(
         f"MLflow experiment {experiment!r} in the tracking store {mlflow.get_tracking_uri()} keeps its artifacts "
-        f"in {where}, outside this project ({here}): another checkout shares this store, and this run would "
-        f"write its models into that checkout's folder. Share runs through a tracking server instead "
+        f"in {where}, outside this project ({here}): another checkout shares this store (or this one was "
+        f"moved), and this run would write its models into that folder. Share runs through a tracking server instead "
         f"(`mlflow server --backend-store-uri postgresql://... --artifacts-destination ...`, then "
         f"MLFLOW_TRACKING_URI=http://host:5000), or give this checkout its own store (unset MLFLOW_TRACKING_URI: "
         f"the default is ./mlflow.db) or its own experiment (`experiment:` in params.yaml)")
