@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from instructflow import signals
 from instructflow.errors import InstructflowError
 from instructflow.stages import BY_NAME
 
@@ -34,16 +35,6 @@ _CHECKED: set[tuple] = set()  # what preflight found good in this process (the C
 
 class RunLocked(InstructflowError):
     """Another instructflow run holds this checkout."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_holder(path: Path) -> dict:
@@ -97,7 +88,7 @@ def run_lock(root: Path, command: str | None = None) -> Iterator[dict]:
         os.close(fd)
     stale = read_holder(path)
     if stale.get("pid") and stale.get("pid") != os.getpid():
-        gone = "its process is gone" if not _alive(stale["pid"]) else "it no longer holds it"
+        gone = "its process is gone" if not signals.alive(stale["pid"]) else "it no longer holds it"
         print(f"instructflow: taking over the run lock left by {describe(stale)}: {gone}", file=sys.stderr)
     holder = {"pid": os.getpid(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command,
               "host": socket.gethostname()}

@@ -163,9 +163,10 @@ def spawn(cmd: list[str], stop_signal: int = signal.SIGINT, **popen) -> subproce
     return proc
 
 
-def group_alive(pgid: int) -> bool:
+def alive(pid: int, group: bool = False) -> bool:
+    """Whether a process (or, with group, a process group) still exists: signal 0 probes without sending."""
     try:
-        os.killpg(pgid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -178,7 +179,7 @@ def wait(proc: subprocess.Popen) -> int:
     try:
         code = proc.wait()
         deadline = time.monotonic() + GRACE_S
-        while group_alive(proc.pid):
+        while alive(proc.pid, group=True):
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
                 deadline = time.monotonic() + 10
