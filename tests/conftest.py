@@ -69,3 +69,21 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def mlm_folder(tmp_path_factory):
+    """A micro masked LM saved as the mlm stage saves it: untrained weights (the encoder-track stages only have to
+    run on it) and the encoder's framing tokenizer. For tests/test_classify.py and tests/test_similarity_stage.py."""
+    import torch
+    from helpers_tokenizer import make_test_tokenizer
+
+    from models.encoder import build_encoder, encoder_tokenizer
+
+    folder = tmp_path_factory.mktemp("mlm")
+    tok = make_test_tokenizer()
+    torch.manual_seed(0)
+    build_encoder(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                  max_position_embeddings=128).save_pretrained(folder)
+    encoder_tokenizer(tok, 64).save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ import mlflow
 import pytest
 import torch
 from conftest import FakeRun
-from helpers_tokenizer import make_test_tokenizer
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -22,7 +21,7 @@ import tasks.classify as stage
 from instructflow.config import validate
 from instructflow.errors import DataError, InstructflowError
 from models.classification import LabelMap
-from models.encoder import build_encoder, encoder_tokenizer
+from models.encoder import encoder_tokenizer
 from models.stats import gains_from_metrics
 from models.tokenizer import load_tokenizer
 from tasks.registry import log_and_register
@@ -37,18 +36,6 @@ def write_tsv(path, rows, header=("id", "document", "label")):
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(header)] + ["\t".join(map(str, row)) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def mlm_folder(tmp_path_factory):
-    """A micro masked LM saved as the mlm stage saves it (weights untrained: the stage only has to run)."""
-    folder = tmp_path_factory.mktemp("mlm")
-    tok = make_test_tokenizer()
-    torch.manual_seed(0)
-    build_encoder(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                  max_position_embeddings=128).save_pretrained(folder)
-    encoder_tokenizer(tok, 64).save_pretrained(folder)  # the mlm stage saves the encoder's framing tokenizer
-    return folder
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 
 import mlflow
 import pytest
-import torch
 from conftest import FakeRun
 from helpers_tokenizer import make_test_tokenizer
 from transformers import AutoModel
@@ -18,7 +17,7 @@ import tasks.similarity as stage
 from apps.similarity import load_encoder, sentence_similarity
 from instructflow.config import validate
 from instructflow.errors import DataError, InstructflowError
-from models.encoder import build_encoder, encoder_tokenizer
+from models.encoder import encoder_tokenizer
 from tasks.registry import log_and_register
 
 # four topics of three sentences each: two sentences of a topic are paraphrases (score 4-5), of two topics
@@ -44,18 +43,6 @@ def write_sts(path, pairs, header=("genre", "id", "score", "sentence1", "sentenc
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(header)] + [f"main\t{i}\t{s}\t{a}\t{b}" for i, (a, b, s) in enumerate(pairs)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def mlm_folder(tmp_path_factory):
-    """A micro masked LM saved as the mlm stage saves it (untrained weights, the encoder's framing tokenizer)."""
-    folder = tmp_path_factory.mktemp("mlm")
-    tok = make_test_tokenizer()
-    torch.manual_seed(0)
-    build_encoder(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                  max_position_embeddings=128).save_pretrained(folder)
-    encoder_tokenizer(tok, 64).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
