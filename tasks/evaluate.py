@@ -118,10 +118,8 @@ def reward_gains(reward_model, tok, train_rows: list[dict], eval_rows: list[dict
         gains += [gain("reward", "accuracy", "tfidf", model, tfidf, subset=subset),
                   gain("reward", "accuracy", "length", model, length, subset=subset)]
         if subset == "synthetic":  # per task kind: which slips the reward model catches (TF-IDF on the same pairs)
-            for kind in [k for k in KINDS if any(r.get("task") == k for r, _ in rows)]:
-                idx = [i for i, (r, _) in enumerate(rows) if r.get("task") == kind]
-                gains.append(gain("reward", "accuracy", "tfidf", [model[i] for i in idx], [tfidf[i] for i in idx],
-                                  subset=kind))
+            gains += kind_gains([r.get("task") for r, _ in rows], model, tfidf, partial(gain, "reward", "accuracy",
+                                                                                        "tfidf"))
     return gains
 
 
@@ -141,12 +139,18 @@ def judged_prompts(real: list[dict], preference_eval: list[dict], n: int) -> lis
 def exact_match_gains(tasks: list[dict], hits: dict[str, list[float]], gain) -> list[Gain]:
     """SFT against the base model, overall and per task kind; the policy against SFT, overall."""
     gains = [gain("sft", "exact_match", "base", hits["sft"], hits["base"])]
-    present = {r.get("task") for r in tasks}
-    for kind in [k for k in KINDS if k in present] + sorted(k for k in present - set(KINDS) if k):
-        idx = [i for i, r in enumerate(tasks) if r.get("task") == kind]
-        gains.append(gain("sft", "exact_match", "base", [hits["sft"][i] for i in idx],
-                          [hits["base"][i] for i in idx], subset=kind))
+    gains += kind_gains([r.get("task") for r in tasks], hits["sft"], hits["base"],
+                        partial(gain, "sft", "exact_match", "base"))
     return gains + [gain("align", "exact_match", "sft", hits["policy"], hits["sft"])]
+
+
+def kind_gains(kinds: list[str | None], model: list[float], baseline: list[float], gain) -> list[Gain]:
+    """One gain per task kind present (the synthetic kinds in their order, then any other, sorted): the items of
+    that kind only. `gain(model, baseline, subset=kind)` is the stage's gain with its names bound."""
+    present = set(kinds)
+    order = [k for k in KINDS if k in present] + sorted(k for k in present - set(KINDS) if k)
+    return [gain([model[i] for i in idx], [baseline[i] for i in idx], subset=kind)
+            for kind in order for idx in [[i for i, k in enumerate(kinds) if k == kind]]]
 
 
 def ci(values: list[float], cfg, seed: int) -> dict[str, float]:
