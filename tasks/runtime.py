@@ -193,7 +193,7 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
         restore_outputs(root, stage)  # DVC removed them before this command: the last good ones come back
         sys.exit(2)
     except signals.Interrupted as exc:
-        log.warning("stage %s stopped by %s: its MLflow run is KILLED, its outputs are left as they were",
+        log.warning("stage %s stopped by %s: its MLflow run is KILLED, its last good outputs are put back",
                     stage, signals.name(exc.signum))
         restore_outputs(root, stage)
         sys.exit(exc.exit_code)
