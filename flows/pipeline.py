@@ -27,7 +27,7 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
         pretrain = stage("pretrain", tokenizer)
         sft = stage("sft", pretrain)
         reward = stage("reward", sft)
-        align = stage("align", sft)
+        align = stage("align", sft, reward)
         evaluate = stage("evaluate", align, reward)
 
         # encoder track (BERT): masked-LM pretraining -> [CLS] classifier and sentence embeddings (KorSTS);

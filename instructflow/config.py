@@ -125,14 +125,90 @@ class RewardConfig(TrainConfig):
     lr: float = Field(3e-4, gt=0, le=1)
 
 
+class KTOConfig(Section):
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"), eq. 8 and sec. 4.
+
+    The weights make lambda_D * n_desirable / (lambda_U * n_undesirable) land in [1, 4/3] when the two kinds are
+    unbalanced (the paper's advice); the demo data is balanced, so 1 and 1 (the paper's and TRL's default).
+    """
+
+    desirable_weight: float = Field(1.0, gt=0, description="lambda_D: weight of the desirable (label true) rows")
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U: weight of the undesirable (label false) rows")
+
+
+class OnlineConfig(Section):
+    """Rollouts, rewards and the KL penalty that PPO, GRPO and RLOO share (align.algorithm ppo | grpo | rloo).
+
+    align.batch_size is the prompts per update, align.max_steps the updates, align.lr the policy's peak rate.
+    """
+
+    prompts: list[Literal["synthetic", "sft", "preference"]] = Field(
+        ["synthetic", "preference"], min_length=1,
+        description="where rollout prompts come from: synthetic tasks (their exact answer is known), the real SFT "
+        "prompts, the preference prompts; the exact_answer reward scores synthetic prompts only")
+    samples_per_prompt: int = Field(4, ge=1, le=64, description="K responses per prompt: GRPO and RLOO need >= 2 "
+                                    "(their baseline is the other samples); more lowers the baseline's variance")
+    max_new_tokens: int = Field(24, ge=1, description="response-length cap: a response cut here never ends in EOS")
+    max_prompt_length: int = Field(128, ge=4, description="prompts longer than this (tokens) are left out, counted")
+    temperature: float = Field(1.0, gt=0, le=2, description="rollout sampling temperature; log-probs are taken of "
+                               "logits / temperature too (Huang et al. 2024, detail 'temperature'); 1: the policy")
+    rewards: dict[Literal["reward_model", "exact_answer"], float] = Field(
+        {"reward_model": 1.0, "exact_answer": 1.0}, min_length=1,
+        description="reward sources and their weights: reward_model = the reward model's score normalised to mean "
+        "0, std 1 on the SFT model's samples (Ziegler et al. 2019); exact_answer = 1 when a synthetic task's "
+        "response is its exact answer, else 0 (a verifier)")
+    eos_penalty: float = Field(1.0, ge=0, description="subtracted from the reward of a response that never ends "
+                               "in EOS within max_new_tokens (Huang et al. 2024, 'missing EOS penalty')")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty to the frozen SFT reference; "
+                           "the start value when kl_target is set (InstructGPT: 0.02)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="k1 = log p - log q (unbiased, can be negative per "
+                                              "token); k3 = exp(q - p) - (q - p) - 1 (>= 0, lower variance; GRPO)")
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL (Ziegler et al. 2019): kl_coef is moved "
+                                    "so the summed KL per response tracks this; null: fixed kl_coef")
+    kl_horizon: int = Field(10000, ge=1, description="the adaptive controller's horizon in samples (Ziegler: 10000)")
+    epochs: int = Field(2, ge=1, le=16, description="passes over each rollout batch (PPO epochs); more reuses "
+                        "samples, and the clip keeps the policy near the one that drew them")
+    minibatches: int = Field(2, ge=1, description="optimiser steps per epoch; each takes 1/minibatches of the batch")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO's epsilon: the policy ratio is clipped to 1 +- this "
+                              "(Schulman et al. 2017)")
+    gamma: float = Field(1.0, gt=0, le=1, description="PPO's discount; 1 for one-shot responses (InstructGPT)")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO's GAE lambda (Schulman et al. 2016)")
+    value_clip: float = Field(0.2, gt=0, description="PPO's value-loss clip around the rollout's values")
+    vf_coef: float = Field(0.1, ge=0, description="PPO's weight of the value loss (TRL's PPO: 0.1)")
+    value_lr: float = Field(1e-4, gt=0, le=1, description="PPO's value model's peak learning rate")
+    whiten_advantages: bool = Field(True, description="PPO: advantages to mean 0, std 1 per batch (detail 'whiten')")
+    scale_rewards: bool = Field(True, description="GRPO: divide each group's centred rewards by its std "
+                                "(Shao et al. 2024); false: centre only (Dr. GRPO, Liu et al. 2025)")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx (InstructGPT eq. 2): weight of the SFT data's LM loss "
+                            "mixed into each update; 0: off")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "OnlineConfig":
+        if not any(w > 0 for w in self.rewards.values()):
+            raise ValueError(f"rewards: at least one weight must be > 0, got {self.rewards}")
+        return self
+
+
 class AlignConfig(TrainConfig):
-    algorithm: Literal["dpo"] = Field("dpo", description="preference optimisation algorithm")
+    algorithm: Literal["dpo", "kto", "ppo", "grpo", "rloo"] = Field(
+        "dpo", description="dpo and kto learn offline from the preference / unpaired data; ppo, grpo and rloo "
+        "learn online from the policy's own samples, scored by align.online.rewards")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss: sigmoid (Rafailov 2023) or ipo (Azar 2023)")
-    beta: float = Field(0.1, gt=0, description="KL strength: higher keeps the policy closer to the SFT reference")
+    beta: float = Field(0.1, gt=0, description="KL strength of DPO and KTO: higher keeps the policy closer to the "
+                        "SFT reference")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen responses' token-mean NLL added to the "
                              "loss (RPO, Pang et al. 2024); 0: the plain DPO/IPO loss")
     max_length: int = Field(256, ge=16)
     lr: float = Field(5e-5, gt=0, le=1)
+    kto: KTOConfig = KTOConfig()
+    online: OnlineConfig = OnlineConfig()
+
+    @model_validator(mode="after")
+    def _online_groups(self) -> "AlignConfig":
+        if self.algorithm in ("grpo", "rloo") and self.online.samples_per_prompt < 2:
+            raise ValueError(f"algorithm {self.algorithm} needs online.samples_per_prompt >= 2 (its baseline is "
+                             f"the other samples of the prompt), got {self.online.samples_per_prompt}")
+        return self
 
 
 class EvaluateConfig(Section):

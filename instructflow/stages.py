@@ -70,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_perplexity")),
     Stage("reward", reads=("artifacts/sft", "data/prepared"), outs=("artifacts/reward",),
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_accuracy", "eval_loss")),
-    Stage("align", reads=("artifacts/sft", "data/prepared"), outs=("artifacts/align",),
+    Stage("align", reads=("artifacts/sft", "artifacts/reward", "data/prepared"), outs=("artifacts/align",),
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_reward_accuracy")),
     Stage("evaluate", reads=("artifacts/align", "artifacts/sft", "artifacts/reward", "artifacts/pretrain",
                              "data/prepared"),

@@ -79,7 +79,10 @@ class Cli:
 
 def stage_process(cli: Cli, stage: str) -> psutil.Process:
     commands = cli.commands()
-    found = [p for p, command in commands.items() if f"-m tasks.{stage}" in command]
+    # DVC runs the stage's command through `sh -c`; dash may fork rather than exec it, so the shell's own command
+    # line names the stage too. The stage process is the Python one.
+    found = [p for p, command in commands.items()
+             if f"-m tasks.{stage}" in command and not command.split()[0].endswith("sh")]
     assert len(found) == 1, commands
     return found[0]
 
