@@ -101,8 +101,13 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     use_cache: bool = True,
-) -> list[list[int]]:
+    return_logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """New tokens for each prompt, up to and including the first eos, without padding.
+
+    return_logprobs=True also returns each new token's log-prob under the sampling distribution before top-k /
+    top-p: log softmax(logits / temperature) (plain log softmax when greedy), what an online RL loop's "old"
+    log-probs are (models/online.py recomputes them in its training layout; tests check the two agree).
 
     use_cache=True runs the prompt once, then feeds one token per step against the KV
     cache. use_cache=False recomputes the whole sequence every step: slow, but the
@@ -113,7 +118,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     prompts = _as_lists(input_ids)
     if max_new_tokens == 0:
-        return [[] for _ in prompts]
+        return ([[] for _ in prompts], [[] for _ in prompts]) if return_logprobs else [[] for _ in prompts]
     device = model_device(model)
     generator = None
     if seed is not None:
@@ -130,11 +135,15 @@ def generate(
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache)
             logits = out.logits[:, -1, :]  # (B, V)
             finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-            new_tokens = []
+            new_tokens, new_logprobs = [], []
             for step in range(max_new_tokens):
                 next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
                 next_token = next_token.masked_fill(finished, pad_token_id)  # finished rows emit pad
                 new_tokens.append(next_token)
+                if return_logprobs:
+                    scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # (B, V)
+                    new_logprobs.append(scaled.gather(-1, next_token[:, None]).squeeze(-1)
+                                        - torch.logsumexp(scaled, dim=-1))  # (B,)
                 finished |= next_token == eos_token_id
                 if finished.all() or step == max_new_tokens - 1:
                     break
@@ -160,6 +169,9 @@ def generate(
         if eos_token_id in row:
             row = row[: row.index(eos_token_id) + 1]
         results.append(row)
+    if return_logprobs:
+        logprobs = torch.stack(new_logprobs, dim=1).tolist()  # (B, steps)
+        return results, [lp[: len(row)] for lp, row in zip(logprobs, results)]
     return results
 
 

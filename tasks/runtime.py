@@ -34,7 +34,7 @@ from tasks.tracking import StageRun, stage_run
 log = logging.getLogger("instructflow")
 
 # figures that differ between two runs on the same inputs: MLflow and the lineage file, never a cached output
-VOLATILE = ("tokens_per_sec", "wall_time_s")
+VOLATILE = ("tokens_per_sec", "wall_time_s", "rollout_tokens_per_sec", "rollout_seconds", "update_seconds")
 INVOCATION_ENV = "INSTRUCTFLOW_INVOCATION"  # set by the flow: tells it which stages its DVC call really ran
 
 
