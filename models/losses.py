@@ -92,6 +92,61 @@ def dpo_loss(
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z: the batch's KL(pi || ref) estimate, clamped at 0 and detached (a scalar).
+
+    Ethayarajh et al. 2024, eq. 8 and section 4.2: z = max(0, mean(log pi(y'|x) - log ref(y'|x))) over mismatched
+    pairs (x, y') of the batch (a prompt with another row's completion), as TRL's KTOTrainer computes it. No gradient
+    flows through z: it only sets the point the log-ratios are compared with.
+    """
+    if policy_kl_logps.shape != ref_kl_logps.shape or policy_kl_logps.dim() != 1 or policy_kl_logps.numel() == 0:
+        raise ValueError(f"kto needs policy_kl_logps and ref_kl_logps of the same non-empty (B',) shape, got "
+                         f"{tuple(policy_kl_logps.shape)} and {tuple(ref_kl_logps.shape)}")
+    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kahneman-Tversky optimisation on unpaired completions: summed response log-probs, all (B,).
+
+    Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 8, as TRL's KTOTrainer
+    (loss_type "kto"): with r = pi - ref (the completion's log-ratio) and z = kto_reference_point(policy_kl_logps,
+    ref_kl_logps) (its own (B',) mismatched pairs; detached, >= 0),
+        desirable row   (label true):  desirable_weight   * (1 - sigmoid(beta * (r - z)))
+        undesirable row (label false): undesirable_weight * (1 - sigmoid(beta * (z - r)))
+    and the loss is the mean of these over all B rows (TRL concatenates the weighted desirable and undesirable
+    losses and takes their mean), so a batch of one kind only is fine. `desirable` is a (B,) bool tensor.
+
+    Returns (loss, rewards (B,)), the implicit rewards beta * (pi - ref), detached: they are for logging only.
+    """
+    if not beta > 0:
+        raise ValueError(f"kto beta must be > 0, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"kto weights must be >= 0, got desirable_weight={desirable_weight}, "
+                         f"undesirable_weight={undesirable_weight}")
+    if policy_logps.dim() != 1 or policy_logps.numel() == 0 or not (
+            policy_logps.shape == ref_logps.shape == desirable.shape):
+        raise ValueError(f"kto needs policy_logps, ref_logps and desirable of the same non-empty (B,) shape, got "
+                         f"{tuple(policy_logps.shape)}, {tuple(ref_logps.shape)} and {tuple(desirable.shape)}")
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"kto desirable must be a bool tensor (the rows' labels), got {desirable.dtype}")
+    z = kto_reference_point(policy_kl_logps, ref_kl_logps)  # ()
+    logratios = policy_logps - ref_logps  # (B,)
+    # 1 - sigmoid(x) = sigmoid(-x), written the second way (no cancellation when sigmoid(x) is near 1)
+    desirable_losses = desirable_weight * torch.sigmoid(-beta * (logratios - z))  # (B,)
+    undesirable_losses = undesirable_weight * torch.sigmoid(-beta * (z - logratios))  # (B,)
+    losses = torch.where(desirable, desirable_losses, undesirable_losses)  # (B,)
+    return losses.mean(), beta * logratios.detach()
+
+
 def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
     """Token-mean negative log-likelihood of the chosen responses of a batch: -sum(logps) / sum(tokens), both (B,).
 

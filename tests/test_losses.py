@@ -12,6 +12,8 @@ from models.losses import (
     cosine_similarity_loss,
     dpo_loss,
     in_batch_negatives_loss,
+    kto_loss,
+    kto_reference_point,
     masked_mean,
     sequence_logprobs,
 )
@@ -137,6 +139,125 @@ def test_dpo_bad_arguments_name_the_value(kwargs, message):
     args = {"beta": BETA, **kwargs}
     with pytest.raises(ValueError, match=message):
         dpo_loss(t(PC), t(PR), t(RC), t(RR), **args)
+
+
+# ---- kto_loss ----------------------------------------------------------------------
+
+# Three rows, beta 0.5: policy [-1, -3, -2], ref [-2, -2, -2] -> log-ratios r = [1, -1, 0];
+# labels [desirable, undesirable, desirable].
+# KL pairs: policy [-4.0, -5.0, -6.0], ref [-4.5, -5.1, -6.3] -> diffs [0.5, 0.1, 0.3], z = mean = 0.3 (> 0, kept)
+KTO_PI, KTO_REF = (-1.0, -3.0, -2.0), (-2.0, -2.0, -2.0)
+KTO_PI_KL, KTO_REF_KL = (-4.0, -5.0, -6.0), (-4.5, -5.1, -6.3)
+KTO_DESIRABLE = torch.tensor([True, False, True])
+KTO_BETA = 0.5
+# row 0 (desirable):   1 - sigmoid(0.5 * (1 - 0.3))    = 1 - sigmoid(0.35)  = 1 - 0.586617579 = 0.413382421
+# row 1 (undesirable): 1 - sigmoid(0.5 * (0.3 - (-1))) = 1 - sigmoid(0.65)  = 1 - 0.657010463 = 0.342989537
+# row 2 (desirable):   1 - sigmoid(0.5 * (0 - 0.3))    = 1 - sigmoid(-0.15) = 1 - 0.462570155 = 0.537429845
+KTO_ROWS = (0.41338242108, 0.34298953733, 0.53742984534)
+
+
+def kto(pi=KTO_PI, ref=KTO_REF, pi_kl=KTO_PI_KL, ref_kl=KTO_REF_KL, desirable=KTO_DESIRABLE, **kwargs):
+    return kto_loss(t(*pi) if isinstance(pi, tuple) else pi, t(*ref), t(*pi_kl) if isinstance(pi_kl, tuple) else pi_kl,
+                    t(*ref_kl), desirable, **{"beta": KTO_BETA, **kwargs})
+
+
+def test_kto_hand_worked():
+    loss, rewards = kto()
+    # mean of the three rows: (0.413382421 + 0.342989537 + 0.537429845) / 3 = 0.431267268
+    assert loss.item() == pytest.approx(sum(KTO_ROWS) / 3, abs=1e-9)
+    assert loss.item() == pytest.approx(0.4312672679, abs=1e-9)
+    # rewards = beta * (pi - ref) = 0.5 * [1, -1, 0], detached
+    assert rewards.tolist() == pytest.approx([0.5, -0.5, 0.0])
+    assert not rewards.requires_grad
+
+
+def test_kto_weights_scale_each_kind_and_the_mean_is_over_all_rows():
+    loss, _ = kto(desirable_weight=2.0, undesirable_weight=0.5)
+    # (2 * 0.413382421 + 0.5 * 0.342989537 + 2 * 0.537429845) / 3 = (0.826764842 + 0.171494769 + 1.074859691) / 3
+    #   = 0.691039767
+    assert loss.item() == pytest.approx(0.6910397672, abs=1e-9)
+    # an undesirable weight of 0: the undesirable row adds 0 but still counts in the mean
+    loss, _ = kto(undesirable_weight=0.0)
+    assert loss.item() == pytest.approx((KTO_ROWS[0] + KTO_ROWS[2]) / 3, abs=1e-9)
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    # KL diffs [0.5, 0.0, -1.7]: mean -0.4 -> z = max(0, -0.4) = 0
+    ref_kl = (-4.5, -5.0, -4.3)
+    assert kto_reference_point(t(*KTO_PI_KL), t(*ref_kl)).item() == 0.0
+    loss, _ = kto(ref_kl=ref_kl)
+    # z = 0: row 0 1 - sigmoid(0.5 * 1) = 0.377540669; row 1 1 - sigmoid(0.5 * (0 - (-1))) = 0.377540669;
+    # row 2 1 - sigmoid(0) = 0.5; mean = 1.255081337 / 3 = 0.418360446 (with z = -0.4 unclamped it would be
+    # 1 - sigmoid(0.7), 1 - sigmoid(0.3), 1 - sigmoid(0.2) = 0.331812228, 0.425557483, 0.450166003: mean 0.402511905)
+    assert loss.item() == pytest.approx(0.4183604459, abs=1e-9)
+
+
+def test_kto_reference_point_carries_no_gradient():
+    for ref_kl in (KTO_REF_KL, (-4.5, -5.0, -4.3)):  # z = 0.3 (kept) and z clamped to 0
+        pi = t(*KTO_PI).requires_grad_()
+        pi_kl = t(*KTO_PI_KL).requires_grad_()
+        loss, _ = kto(pi=pi, pi_kl=pi_kl, ref_kl=ref_kl)
+        grad_pi, grad_kl = torch.autograd.grad(loss, (pi, pi_kl), allow_unused=True)
+        assert grad_kl is None  # the KL pairs only set z, and z is detached
+        assert grad_pi is not None
+    assert not kto_reference_point(pi_kl, t(*KTO_REF_KL)).requires_grad
+
+
+def test_kto_gradient_raises_desirable_and_lowers_undesirable():
+    # d/dr (1 - sigmoid(beta (r - z))) / B = -beta s (1 - s) / B, s = sigmoid(beta (r - z)):
+    #   row 0: -0.5 * 0.242497395 / 3 = -0.040416233; row 2: -0.5 * 0.248599007 / 3 = -0.041433168
+    # d/dr (1 - sigmoid(beta (z - r))) / B = +beta s (1 - s) / B, s = sigmoid(0.65): +0.5 * 0.225347715 / 3 = 0.037557952
+    pi = t(*KTO_PI).requires_grad_()
+    loss, _ = kto(pi=pi)
+    loss.backward()
+    assert pi.grad.tolist() == pytest.approx([-0.0404162325, 0.0375579524, -0.0414331678], abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", [True, False])
+def test_kto_a_batch_of_one_kind_only(kind):
+    # all desirable: rows 0..2 as desirable with z = 0.3: 1 - sigmoid(0.5 * (r - 0.3)) for r = 1, -1, 0
+    #   = 1 - sigmoid(0.35), 1 - sigmoid(-0.65), 1 - sigmoid(-0.15) = 0.413382421, 0.657010463, 0.537429845
+    # all undesirable: 1 - sigmoid(0.5 * (0.3 - r)) = 1 - sigmoid(-0.35), 1 - sigmoid(0.65), 1 - sigmoid(0.15)
+    #   = 0.586617579, 0.342989537, 0.462570155
+    expected = (0.41338242108, 0.65701046267, 0.53742984534) if kind else (0.58661757892, 0.34298953733,
+                                                                             0.46257015466)
+    loss, rewards = kto(desirable=torch.tensor([kind] * 3), desirable_weight=1.0, undesirable_weight=1.0)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(sum(expected) / 3, abs=1e-9)
+    assert rewards.tolist() == pytest.approx([0.5, -0.5, 0.0])
+
+
+def test_kto_policy_equal_to_reference_gives_one_half_per_row():
+    # r = 0 and z = max(0, 0) = 0: every row 1 - sigmoid(0) = 0.5, whatever beta and the labels
+    same = t(-3.0, -7.0)
+    loss, rewards = kto_loss(same, same, t(-2.0, -9.0), t(-2.0, -9.0), torch.tensor([True, False]), beta=0.1)
+    assert loss.item() == 0.5
+    assert rewards.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"beta": 0.0}, "beta must be > 0, got 0.0"),
+        ({"beta": -1}, "got -1"),
+        ({"desirable_weight": -0.5}, "desirable_weight=-0.5"),
+        ({"undesirable_weight": -1.0}, "undesirable_weight=-1.0"),
+        ({"ref": (-2.0, -2.0)}, r"\(3,\), \(2,\) and \(3,\)"),
+        ({"desirable": torch.tensor([True, False])}, r"\(3,\), \(3,\) and \(2,\)"),
+        ({"desirable": torch.tensor([1, 0, 1])}, "bool"),
+        ({"ref_kl": (-4.5, -5.1)}, r"\(3,\) and \(2,\)"),
+    ],
+)
+def test_kto_bad_arguments_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kto(**kwargs)
+
+
+def test_kto_needs_a_row_and_a_kl_pair():
+    with pytest.raises(ValueError, match="non-empty"):
+        kto_loss(t(), t(), t(1.0), t(1.0), torch.tensor([], dtype=torch.bool), beta=0.1)
+    with pytest.raises(ValueError, match="non-empty"):
+        kto_loss(t(1.0), t(1.0), t(), t(), torch.tensor([True]), beta=0.1)
 
 
 # ---- bradley_terry_loss ------------------------------------------------------------
