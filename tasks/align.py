@@ -89,6 +89,10 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     from transformers import AutoModelForCausalLM
 
     cfg = params.align
+    if cfg.algorithm in ("ppo", "grpo", "rloo"):  # online: the policy's own samples, scored (tasks/online.py)
+        from tasks.online import body as online_body
+
+        return online_body(params, root, run)
     source = root / "artifacts" / "sft"
     tok = load_tokenizer(source)
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
