@@ -12,6 +12,9 @@ Offline, from prepared data:
 
 The reference log-probs are computed once before training (the reference never changes), for the rows training
 will draw and for the held-out rows, so only the policy runs in the loop.
+
+Online, from the policy's own samples (tasks/online.py, models/online.py): `ppo`, `grpo` and `rloo`, scored by the
+reward model and the synthetic tasks' exact-answer verifier (align.online).
 """
 
 from __future__ import annotations
@@ -84,15 +87,20 @@ def make_step(cfg):
 
 
 def body(params: Params, root: Path, run: StageRun) -> dict:
+    """The stage: the algorithm align.algorithm names."""
     if params.align.algorithm == "kto":
         return kto_body(params, root, run)
-    from transformers import AutoModelForCausalLM
-
-    cfg = params.align
-    if cfg.algorithm in ("ppo", "grpo", "rloo"):  # online: the policy's own samples, scored (tasks/online.py)
+    if params.align.algorithm in ("ppo", "grpo", "rloo"):  # online: the policy's own samples, scored
         from tasks.online import body as online_body
 
         return online_body(params, root, run)
+    return dpo_body(params, root, run)
+
+
+def dpo_body(params: Params, root: Path, run: StageRun) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    cfg = params.align
     source = root / "artifacts" / "sft"
     tok = load_tokenizer(source)
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
