@@ -82,6 +82,8 @@ def lineage(params: Params, root: Path, made_by: list[str]) -> dict[str, str]:
             log.warning("%s: no record of the run that made stage '%s' (restored from DVC's cache?)",
                         lineage_path(root, stage), stage)
         tags[f"run.{stage}"] = run_id or "unknown"
+    if "align" in made_by:  # which of dpo, kto, ppo, grpo, rloo made the policy: the registry's first question
+        tags["align.algorithm"] = params.align.algorithm
     return tags
 
 

@@ -143,6 +143,7 @@ def test_registry_holds_champions_with_lineage(project):
         assert {"run.prepare", "run.tokenizer"} <= set(tags)
     policy = client.get_model_version_by_alias("instructflow-policy", "champion")
     assert {"run.sft", "run.align", "run.evaluate", "metric.exact_match"} <= set(policy.tags)
+    assert policy.tags["align.algorithm"] == "dpo"
     embedder = client.get_model_version_by_alias("instructflow-embedder", "champion")
     assert {"run.mlm", "run.similarity", "metric.spearman", "metric.spearman.ci_low"} <= set(embedder.tags)
 

@@ -560,6 +560,7 @@ def test_register_tags_each_version_with_the_project_lineage_and_its_weights(sta
         assert tags["data.data/raw.md5"] == "0a1b2c3d4e5f60718293a4b5c6d7e8f9.dir"
         assert {key: tags[f"run.{key}"] for key in ("prepare", "sft", "align", "pretrain")} == \
             {"prepare": "run-prepare", "sft": "run-sft", "align": "run-align", "pretrain": "unknown"}
+        assert tags["align.algorithm"] == params.align.algorithm == "dpo"
         assert tags[WEIGHTS_TAG] == weights_sha256(folder)
     assert client.get_model_version(policy_name, "1").tags["metric.exact_match.ci_low"] == "0.33"
     assert stage_runs["runs"]["first"]["record"]["lineage"]["run.pretrain"] == "unknown"
