@@ -236,8 +236,13 @@ def rollout(models: Models, settings: OnlineSettings, prompts: list[list[int]], 
 
 
 def update_step(models: Models, settings: OnlineSettings, batch: dict, optimizers: list, kl_coef: float,
-                autocast, generator: torch.Generator, update: int) -> dict[str, float]:
-    """`epochs` passes over the experience in `minibatches` optimiser steps; the mean of each metric."""
+                autocast, update: int) -> dict[str, float]:
+    """`epochs` passes over the experience in `minibatches` optimiser steps; the mean of each metric.
+
+    The minibatches are drawn with a generator seeded by (seed, update), as the rollout's samples are: a run
+    resumed from a checkpoint makes the very updates the uninterrupted run would have made.
+    """
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + update)
     policy, value_model = models.policy, models.value
     N = batch["response_ids"].shape[0]
     size = N // settings.minibatches
@@ -362,7 +367,6 @@ def train_online(models: Models, prompts: list[list[int]], rewarder: Rewarder, s
             for row in state.history:
                 on_log(row["step"], row)
     state = state or LoopState()
-    generator = torch.Generator().manual_seed(settings.seed + state.update)
     per_epoch = len(planned_batches(len(prompts), settings.prompts_per_update, settings.seed, 0))
     window: dict[str, float] = {}
     n_window = 0
@@ -373,7 +377,7 @@ def train_online(models: Models, prompts: list[list[int]], rewarder: Rewarder, s
         batch, metrics = rollout(models, settings, prompts, prompt_index, rewarder, step, kl.value, autocast)
         _check_finite(settings, step, metrics)  # a non-finite reward or KL
         t0 = time.perf_counter()
-        stats = update_step(models, settings, batch, optimizers, kl.value, autocast, generator, step)
+        stats = update_step(models, settings, batch, optimizers, kl.value, autocast, step)
         metrics.update(stats, update_seconds=time.perf_counter() - t0)
         kl.update(metrics["kl"], len(batch["response_ids"]))
         state.update = step

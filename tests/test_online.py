@@ -204,3 +204,36 @@ def test_a_reward_model_with_another_tokenizer_is_refused_before_training(projec
     with pytest.raises(InstructflowError, match=r"reward model's tokenizer .*artifacts/reward.* differs from the "
                                                 r"policy's"):
         align(fake, "align.algorithm=ppo")
+
+
+def test_a_run_resumed_from_its_checkpoint_makes_the_updates_the_uninterrupted_run_made(tmp_path):
+    straight = tiny(0)
+    train_online(Models(straight, tiny(0)), PROMPTS, rule_reward, settings("rloo", max_steps=3, kl_target=0.01))
+
+    calls = []
+
+    def fails_at_the_third_update(index, responses):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("worker lost")
+        return rule_reward(index, responses)
+
+    stopped = tiny(0)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_online(Models(stopped, tiny(0)), PROMPTS, fails_at_the_third_update,
+                     settings("rloo", max_steps=3, kl_target=0.01), checkpoint_dir=tmp_path, resume_key="k",
+                     save_steps=1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1", "step-2"]
+
+    resumed = tiny(5)  # other initial weights: everything that matters comes from the checkpoint
+    logged = []
+    history = train_online(Models(resumed, tiny(0)), PROMPTS, rule_reward,
+                           settings("rloo", max_steps=3, kl_target=0.01), checkpoint_dir=tmp_path, resume_key="k",
+                           on_log=lambda step, row: logged.append(step))
+    assert [row["step"] for row in history] == logged == [1, 2, 3]  # the record starts at update 1
+    assert all(torch.equal(v, straight.state_dict()[k]) for k, v in resumed.state_dict().items())
+    # another key (other params or inputs) does not resume: it starts over
+    other = tiny(0)
+    assert [r["step"] for r in train_online(Models(other, tiny(0)), PROMPTS, rule_reward,
+                                            settings("rloo", max_steps=1), checkpoint_dir=tmp_path,
+                                            resume_key="other")] == [1]
