@@ -228,7 +228,8 @@ def rollout(models: Models, settings: OnlineSettings, prompts: list[list[int]], 
     ended = torch.tensor([settings.eos_token_id in r for r in responses], dtype=torch.float)
     metrics.update({
         "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        **{f"{name}_mean": float(v.mean()) for name, v in parts.items()},
+        **{f"{name}_{stat}": float(v.mean() if stat == "mean" else v.std() if len(v) > 1 else 0.0)
+           for name, v in parts.items() for stat in ("mean", "std")},
         "kl": float(kl_penalty(old, ref, "k1").mul(mask).sum(-1).mean()), "kl_coef": kl_coef,
         "response_length": n_tokens / len(responses), "eos_share": float(ended.mean()),
         "rollout_tokens_per_sec": n_tokens / max(gen_s, 1e-9), "rollout_seconds": gen_s})

@@ -110,7 +110,7 @@ def test_each_algorithm_moves_the_policy_and_never_the_reference(algorithm):
     assert len(moved) == len(before)  # every weight of the policy had a gradient
     assert all(torch.equal(v, ref_before[k]) for k, v in weights(reference).items())
     row = history[-1]
-    for key in ("reward_mean", "reward_std", "target_share_mean", "kl", "entropy", "clip_fraction", "approx_kl",
+    for key in ("reward_mean", "reward_std", "target_share_mean", "target_share_std", "kl", "entropy", "clip_fraction", "approx_kl",
                 "response_length", "eos_share", "rollout_tokens_per_sec", "update_seconds"):
         assert key in row, key
     if algorithm == "ppo":
