@@ -59,7 +59,14 @@ from models.rl import (
     token_rewards,
     value_loss,
 )
-from models.training import _check_finite, _latest_checkpoint, param_groups, planned_batches, to_device, use_bf16
+from models.training import (
+    _check_finite,
+    _latest_checkpoint,
+    param_groups,
+    planned_batches,
+    to_device,
+    use_bf16,
+)
 
 log = logging.getLogger("instructflow")
 

@@ -31,11 +31,23 @@ import torch
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
 from models.decoder import collate_lm, collate_pairs
-from models.losses import chosen_nll, dpo_loss, kto_loss, kto_reference_point, sequence_logprobs
+from models.losses import (
+    chosen_nll,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    sequence_logprobs,
+)
 from models.tokenizer import chat_example, load_tokenizer
 from models.training import LoopSettings, for_inference, rows_trained, to_device, train
 from tasks.reward import cut_metrics, pair_lengths, preference_set
-from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
+from tasks.runtime import (
+    final_metrics,
+    read_prepared,
+    resumable,
+    run_stage,
+    stage_output,
+)
 from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")

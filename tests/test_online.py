@@ -20,7 +20,14 @@ import tasks.tokenizer
 from instructflow.config import load_params
 from instructflow.errors import InstructflowError, NonFiniteError
 from models.generate import generate
-from models.online import Models, OnlineSettings, layout, response_logits, response_values, train_online
+from models.online import (
+    Models,
+    OnlineSettings,
+    layout,
+    response_logits,
+    response_values,
+    train_online,
+)
 from models.rl import token_logprobs
 from tasks.runtime import seed_everything
 
@@ -44,9 +51,10 @@ def tiny(seed: int, cls=LlamaForCausalLM):
 
 
 def settings(algorithm: str, **kw) -> OnlineSettings:
-    base = dict(algorithm=algorithm, prompts_per_update=4, samples=4, max_steps=3, max_new_tokens=6,
-                temperature=1.0, epochs=2, minibatches=2, clip_range=0.2, kl_coef=0.05, lr=1e-3, value_lr=1e-3,
-                bf16=False, logging_steps=1, eval_steps=100, seed=0, eos_token_id=EOS, pad_token_id=PAD)
+    base = {"algorithm": algorithm, "prompts_per_update": 4, "samples": 4, "max_steps": 3, "max_new_tokens": 6,
+            "temperature": 1.0, "epochs": 2, "minibatches": 2, "clip_range": 0.2, "kl_coef": 0.05, "lr": 1e-3,
+            "value_lr": 1e-3, "bf16": False, "logging_steps": 1, "eval_steps": 100, "seed": 0, "eos_token_id": EOS,
+            "pad_token_id": PAD}
     return OnlineSettings(**{**base, **kw})
 
 
