@@ -220,6 +220,80 @@ def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
     print_summary(results, params, project, time.perf_counter() - started)
 
 
+COMPARE_HELP = "\n\n".join((
+    "Compare the values of one param side by side: each value runs the pipeline up to evaluate, never register.",
+    "Every value is checked first, as `run` checks its --set: a bad value stops everything, naming the key, the "
+    "value and what is allowed. Then, one value after another, it is written into params.yaml and the stages up "
+    "to evaluate run as `run` runs them: DVC reruns only what the value changes, so comparing align values trains "
+    "the SFT and reward models at most once. Nothing is registered.",
+    "The table (reward gain over SFT, win-rate against SFT, KL to SFT, exact match, each with its interval, and "
+    "the wall time of the stages that ran) goes to comparisons/compare.md and comparisons/compare.json, and to "
+    "MLflow as a run named `compare` with each value's pipeline run nested under it.",
+    "A value whose stage fails is a row marked failed with its error, and the other values still run (exit code "
+    "1). Ctrl-C or SIGTERM stops the comparison: the value running stops at a safe point, the rest are marked not "
+    "run (exit code 130 or 143). Either way params.yaml is put back byte for byte and the outputs of the stages "
+    "that were up to date come back from DVC's run-cache, so `dvc status` says what it said before. Holds the "
+    "checkout's run lock, as `run` does.",
+))
+
+
+@app.command(help=COMPARE_HELP)
+def compare(
+    spec: Annotated[str, typer.Argument(metavar="KEY=V1,V2,...",
+                                        help="one param and its values, e.g. align.algorithm=dpo,kto or "
+                                             "align.beta=0.1,0.5 (each value parsed as YAML, as --set parses it)")],
+    preset: Annotated[Optional[str], typer.Option(help="micro | tiny | small, for every value")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="a fixed override section.key=value for "
+                                                                    "every value (repeatable)")] = None,
+    root: Root = None,
+) -> None:
+    """COMPARE_HELP: the values of one param side by side, up to evaluate (flows/compare.py)."""
+    project = _root(root)
+    with _one_run(project), signals.handling():
+        try:
+            _compare(project, spec, preset, set_)
+        except KeyboardInterrupt as exc:  # a stop before the comparison started
+            _stopped(signals.received() or getattr(exc, "signum", 2))
+
+
+def _compare(project: Path, spec: str, preset: str | None, set_: list[str] | None) -> None:
+    from flows.compare import OUT_DIR, STAGES, compare as run_comparison, plan, reading, table
+
+    try:
+        planned = plan(project, spec, set_, preset)  # every value checked before anything runs
+    except InstructflowError as exc:
+        _fail(exc)
+    console.print(f"Comparing {planned.key} = {', '.join(v.label for v in planned.variants)} "
+                  f"(preset {planned.variants[0].params.preset}): {' -> '.join(STAGES)} for each value, never register")
+    from flows.serve import start_temporary_server
+
+    start_temporary_server()
+    restore, stopped = run_comparison(project, planned, lambda line: console.print(escape(line), highlight=False))
+    header, rows = table(planned)  # a row per value in compare.md; here a column per value, to fit a terminal
+    out = Table(title=f"compare {planned.key} ({planned.variants[0].params.preset} preset)")
+    out.add_column(header[0])
+    colour = {"ok": "green", "not run": "dim"}
+    for v, row in zip(planned.variants, rows):
+        out.add_column(f"[{colour.get(v.status, 'bold red')}]{escape(row[0])}[/]")
+    for i, name in enumerate(header[1:], start=1):
+        out.add_row(escape(name), *(escape(row[i]) for row in rows))
+    console.print(out)
+    console.print(escape(reading(planned)), highlight=False)
+    back = ", ".join(f"{s} {st}" for s, st in restore.get("stages", {}).items() if st != "skipped")
+    console.print(f"params.yaml put back as it was{f'; outputs back from the run-cache: {back}' if back else ''} "
+                  f"({restore.get('seconds', 0):.1f}s)")
+    if restore.get("not_back") or restore.get("problems"):
+        console.print(f"[bold red]not put back:[/] {escape(', '.join(restore.get('not_back', [])))} "
+                      f"{escape(' '.join(restore.get('problems', [])))}: run `instructflow stage evaluate`")
+    console.print(f"Table: {project / OUT_DIR / 'compare.md'} (and compare.json); MLflow: run `compare`")
+    if stopped is not None:
+        console.print(f"[bold red]stopped by {signals.name(stopped)}:[/] the value running stopped at a safe point, "
+                      "the others did not run")
+        raise typer.Exit(128 + stopped)
+    if any(v.status != "ok" for v in planned.variants):
+        raise typer.Exit(1)
+
+
 @app.command()
 def stage(name: Annotated[str, typer.Argument(help="stage name, e.g. pretrain")], root: Root = None) -> None:
     """Run one stage through DVC (and any stage before it that is out of date)."""
