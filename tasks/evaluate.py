@@ -137,11 +137,12 @@ def judged_prompts(real: list[dict], preference_eval: list[dict], n: int) -> lis
 
 
 def exact_match_gains(tasks: list[dict], hits: dict[str, list[float]], gain) -> list[Gain]:
-    """SFT against the base model, overall and per task kind; the policy against SFT, overall."""
+    """SFT against the base model and the policy against SFT, each overall and per task kind."""
+    kinds = [r.get("task") for r in tasks]
     gains = [gain("sft", "exact_match", "base", hits["sft"], hits["base"])]
-    gains += kind_gains([r.get("task") for r in tasks], hits["sft"], hits["base"],
-                        partial(gain, "sft", "exact_match", "base"))
-    return gains + [gain("align", "exact_match", "sft", hits["policy"], hits["sft"])]
+    gains += kind_gains(kinds, hits["sft"], hits["base"], partial(gain, "sft", "exact_match", "base"))
+    gains += [gain("align", "exact_match", "sft", hits["policy"], hits["sft"])]
+    return gains + kind_gains(kinds, hits["policy"], hits["sft"], partial(gain, "align", "exact_match", "sft"))
 
 
 def kind_gains(kinds: list[str | None], model: list[float], baseline: list[float], gain) -> list[Gain]:

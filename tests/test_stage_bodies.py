@@ -362,7 +362,7 @@ def test_evaluate_writes_its_report_and_every_rate_lies_in_its_interval(project,
     expected = {"sft.exact_match.all.base", *(f"sft.exact_match.{k}.base" for k in kinds),
                 *(f"reward.accuracy.{subset}.{baseline}" for subset in ("synthetic", "real")
                   for baseline in ("tfidf", "length")),
-                "align.win_rate.all.tie", "align.exact_match.all.sft",
+                "align.win_rate.all.tie", "align.exact_match.all.sft", *(f"align.exact_match.{k}.sft" for k in kinds),
                 "align.win_rate.synthetic.tie", "align.win_rate.real.tie"}
     pref_eval = [r for r in read_prepared(root, "preference_eval") if r["source"] == "synthetic"]
     pair_kinds = sorted({r["task"] for r in pref_eval[: params.evaluate.max_eval_rows]})
@@ -378,6 +378,7 @@ def test_evaluate_writes_its_report_and_every_rate_lies_in_its_interval(project,
     assert gains["align.win_rate.all.tie"].model_value == metrics["win_rate"]
     assert gains["align.win_rate.all.tie"].baseline_value == 0.5
     assert gains["align.exact_match.all.sft"].model_value == metrics["exact_match"]
+    assert metrics["n_exact_match"] == sum(gains[f"align.exact_match.{k}.sft"].n for k in kinds)
     # win-rate on synthetic and on real prompts apart: half the judged prompts each, the same per-prompt outcomes
     synthetic, real = gains["align.win_rate.synthetic.tie"], gains["align.win_rate.real.tie"]
     assert synthetic.n == metrics["n_judged_synthetic"] == params.evaluate.reward_prompts // 2
