@@ -375,6 +375,14 @@ def train_online(models: Models, prompts: list[list[int]], rewarder: Rewarder, s
             for row in state.history:
                 on_log(row["step"], row)
     state = state or LoopState()
+    if eval_fn is not None and state.update == 0:  # the start (the SFT model), the baseline of every later eval
+        with autocast():
+            row = {f"eval_{k}": v for k, v in eval_fn(models.policy).items()}
+        row["step"] = 0
+        state.history.append(row)
+        log.info("before update 1: %s", " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+        if on_log is not None:
+            on_log(0, row)
     per_epoch = len(planned_batches(len(prompts), settings.prompts_per_update, settings.seed, 0))
     window: dict[str, float] = {}
     n_window = 0

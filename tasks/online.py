@@ -260,14 +260,15 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
                                       "clip_fraction", "approx_kl", "value_loss", "explained_variance",
                                       "eval_reward_mean", "eval_reward_model_mean", "eval_exact_match",
                                       "rollout_tokens_per_sec"))
-    first = next((r for r in history if "eval_reward_mean" in r), None)
+    first = next((r for r in history if "eval_reward_mean" in r), None)  # step 0: the SFT start
     metrics.update(train_prompts=len(train_prompts), eval_prompts=len(eval_prompts),
                    reward_norm_mean=rewarder.norm[0], reward_norm_std=rewarder.norm[1],
                    **{f"prompts_cut_{k}": v for k, v in cut.items()})
-    if history:
-        metrics["reward_mean_first"] = float(history[0]["reward_mean"])
-    if first is not None and first is not history[-1]:
-        metrics["eval_reward_mean_first"] = float(first["eval_reward_mean"])
+    trained = [r for r in history if "reward_mean" in r]
+    if trained:
+        metrics["reward_mean_first"] = float(trained[0]["reward_mean"])
+    if first is not None and first is not history[-1]:  # the held-out figures at the start, beside the last ones
+        metrics.update({f"{k}_start": float(v) for k, v in first.items() if k.startswith("eval_")})
     return metrics
 
 
