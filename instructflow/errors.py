@@ -28,7 +28,7 @@ class DataError(InstructflowError):
 class NonFiniteError(InstructflowError):
     """Training produced a non-finite loss, metric (a reward) or gradient norm: names the step and its knobs."""
 
-    def __init__(self, step: int, max_steps: int, name: str, value: float, knobs: str):
+    def __init__(self, step: int, max_steps: int, name: str, value: float, knobs: str, unit: str = "step"):
         self.step, self.name, self.value, self.knobs = step, name, value, knobs
-        super().__init__(f"step {step} of {max_steps}: the {name} is {value} (non-finite), so training stopped; "
+        super().__init__(f"{unit} {step} of {max_steps}: the {name} is {value} (non-finite), so training stopped; "
                          f"it is fed by {knobs}: lower them (or look for extreme values in the data) and run again")

@@ -121,6 +121,11 @@ class OnlineSettings:
                              f"{self.minibatches} minibatches")
 
     @property
+    def unit(self) -> str:
+        """What a non-finite error counts in (models.training._check_finite): updates, not optimiser steps."""
+        return "update"
+
+    @property
     def optimizer_steps(self) -> int:
         return self.max_steps * self.epochs * self.minibatches
 

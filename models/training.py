@@ -271,7 +271,7 @@ def _check_finite(settings: LoopSettings, step: int, values: dict[str, float]) -
     for name, value in values.items():
         if not math.isfinite(value):
             knobs = settings.knobs or f"lr={settings.lr:g}, max_grad_norm={settings.max_grad_norm:g}"
-            raise NonFiniteError(step, settings.max_steps, name, value, knobs)
+            raise NonFiniteError(step, settings.max_steps, name, value, knobs, getattr(settings, "unit", "step"))
 
 
 def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str, history: list[dict]) -> None:

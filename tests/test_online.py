@@ -156,7 +156,7 @@ def test_a_non_finite_reward_stops_at_its_update():
         scores = torch.full((len(responses),), float("nan"))
         return scores, {}
 
-    with pytest.raises(NonFiniteError, match=r"step 1 of 3: the reward_mean is nan"):
+    with pytest.raises(NonFiniteError, match=r"update 1 of 3: the reward_mean is nan"):
         train_online(Models(tiny(0), tiny(0)), PROMPTS, broken, settings("grpo"))
 
 
