@@ -175,6 +175,15 @@ def generate(
     return results
 
 
+def generate_batched(model, prompts: list[list[int]], batch_size: int, seed: int | None = None,
+                     **sampling) -> list[list[int]]:
+    """`generate` over the prompts batch_size at a time; the batch starting at row i draws with seed + i."""
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        outs += generate(model, prompts[i:i + batch_size], seed=None if seed is None else seed + i, **sampling)
+    return outs
+
+
 def sequence_logprobs_of(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],

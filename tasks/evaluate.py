@@ -28,7 +28,7 @@ from instructflow.io import write_jsonl
 from instructflow.synthetic import KINDS, exact_match
 from models.classification import length_baseline, tfidf_pairwise_baseline
 from models.decoder import collate_lm, collate_pairs, lm_eval_loss, pad_inputs, reward_scores
-from models.generate import generate, sequence_logprobs_of
+from models.generate import generate, generate_batched, sequence_logprobs_of
 from models.stats import Gain, baseline_flags, bootstrap_ci, gain_metrics, gain_table, paired_gain, win_rate
 from models.tokenizer import chat_example, encode_chat, encode_prompt, load_tokenizer, preference_example
 from models.training import for_inference, perplexity
@@ -71,15 +71,6 @@ def pair_outcomes(reward_model, pairs: list[dict], pad_id: int, batch_size: int)
         chosen, rejected = rewards(reward_model, collate_pairs(pairs[i:i + batch_size], pad_id))  # (b,), (b,)
         correct += (chosen > rejected).float().tolist()
     return correct
-
-
-def generate_batched(model, prompts: list[list[int]], batch_size: int, seed: int | None = None,
-                     **sampling) -> list[list[int]]:
-    """`generate` over the prompts batch_size at a time; the batch starting at row i draws with seed + i."""
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        outs += generate(model, prompts[i:i + batch_size], seed=None if seed is None else seed + i, **sampling)
-    return outs
 
 
 def pair_texts(row: dict) -> tuple[str, str]:

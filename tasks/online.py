@@ -168,7 +168,7 @@ def ptx_batches(tok, rows: list[dict], max_length: int, batch_size: int, seed: i
 def body(params: Params, root: Path, run: StageRun) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from models.generate import generate
+    from models.generate import generate_batched
 
     cfg, online = params.align, params.align.online
     policy_dir, reward_dir = root / "artifacts" / "sft", root / "artifacts" / "reward"
@@ -214,11 +214,9 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         rng = random.Random(params.seed)
         picked = rng.sample(range(len(train_prompts)), min(NORM_PROMPTS, len(train_prompts)))
         index = [i for i in picked for _ in range(online.samples_per_prompt)]
-        responses = []
-        for k in range(0, len(index), 64):
-            responses += generate(reference, [train_prompts[i].ids for i in index[k:k + 64]], online.max_new_tokens,
-                                  tok.eos_token_id, tok.pad_token_id, temperature=online.temperature,
-                                  seed=params.seed + k)
+        responses = generate_batched(reference, [train_prompts[i].ids for i in index], 64, seed=params.seed,
+                                     max_new_tokens=online.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, temperature=online.temperature)
         raw = rewarder.raw_scores(index, responses)
         mean, std = float(raw.mean()), float(raw.std())
         if not std > 1e-6:
@@ -230,10 +228,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
 
     def evaluate(model) -> dict[str, float]:
         """Greedy responses to the held-out prompts: reward per source and the exact-answer rate."""
-        responses = []
-        for k in range(0, len(eval_prompts), 64):
-            responses += generate(model, [p.ids for p in eval_prompts[k:k + 64]], online.max_new_tokens,
-                                  tok.eos_token_id, tok.pad_token_id)
+        responses = generate_batched(model, [p.ids for p in eval_prompts], 64, max_new_tokens=online.max_new_tokens,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         total, parts = eval_rewarder(list(range(len(eval_prompts))), responses)
         out = {"reward_mean": float(total.mean())}
         if "reward_model" in parts:

@@ -162,7 +162,7 @@ def test_sequence_logprobs_of_matches_a_hand_sum_and_ignores_batch_padding(model
 
 
 def test_generate_batched_seeds_the_batch_at_row_i_with_seed_plus_i(model):
-    from tasks.evaluate import generate_batched
+    from models.generate import generate_batched
 
     prompts = [*PROMPTS, [15, 16]]
     kwargs = {"max_new_tokens": 5, "eos_token_id": -1, "pad_token_id": PAD}
