@@ -166,7 +166,7 @@ def ptx_batches(tok, rows: list[dict], max_length: int, batch_size: int, seed: i
 
 
 def body(params: Params, root: Path, run: StageRun) -> dict:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from models.generate import generate_batched
 
@@ -174,7 +174,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     policy_dir, reward_dir = root / "artifacts" / "sft", root / "artifacts" / "reward"
     tok = load_tokenizer(policy_dir)
     check_same_tokenizer(tok, load_tokenizer(reward_dir), policy_dir, reward_dir)
-    positions = AutoModelForCausalLM.from_pretrained(policy_dir).config.max_position_embeddings
+    positions = AutoConfig.from_pretrained(policy_dir).max_position_embeddings
     room = positions - online.max_new_tokens
     sft_train = read_prepared(root, "sft_train")
     train_prompts, cut = collect_prompts(tok, sft_train, read_prepared(root, "preference_train"), online.prompts,
