@@ -63,15 +63,34 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def add_reference_logps(ref_model, pairs: list[dict], collate, batch_size: int) -> list[dict]:
-    """The pairs with the frozen reference's summed response log-probs added, computed on the reference's device."""
+def add_reference(ref_model, rows: list[dict], collate, batch_size: int, score, keys: tuple[str, str]) -> list[dict]:
+    """The rows with the frozen reference's two summed log-probs per row added under `keys`, computed on the
+    reference's device: `score(model, batch)` gives them as two (b,) tensors; one copy back per batch."""
     out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        chosen, rejected, _, _ = pair_logps(ref_model, to_device(collate(chunk), ref_model))  # (b,), (b,)
-        out += [{**p, "ref_chosen_logps": c, "ref_rejected_logps": r}
-                for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]  # one copy back per batch
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        first, second = score(ref_model, to_device(collate(chunk), ref_model))  # (b,), (b,)
+        out += [{**r, keys[0]: a, keys[1]: b} for r, a, b in zip(chunk, first.tolist(), second.tolist())]
     return out
+
+
+def add_reference_logps(ref_model, pairs: list[dict], collate, batch_size: int) -> list[dict]:
+    """The pairs with the frozen reference's summed chosen and rejected response log-probs added (DPO)."""
+    return add_reference(ref_model, pairs, collate, batch_size, lambda m, b: pair_logps(m, b)[:2],
+                         ("ref_chosen_logps", "ref_rejected_logps"))
+
+
+def with_reference(source: Path, train_set: list[dict], used: list[int], eval_set: list[dict], add,
+                   batch_size: int) -> list[dict]:
+    """The frozen reference's log-probs, once, for the train rows training will draw (`used`, filled in place) and
+    for every held-out row (returned); a row never drawn keeps no reference value (its collate would fail loudly,
+    not silently). The reference is loaded where train() will put the policy and dropped afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    reference = for_inference(AutoModelForCausalLM.from_pretrained(source))
+    for i, row in zip(used, add(reference, [train_set[i] for i in used], batch_size=batch_size)):
+        train_set[i] = row
+    return add(reference, eval_set, batch_size=batch_size)
 
 
 def loop_knobs(cfg) -> str:
@@ -123,15 +142,9 @@ def dpo_body(params: Params, root: Path, run: StageRun) -> dict:
                               cut["eval"])
     settings = LoopSettings.from_config(cfg, params.seed, knobs=loop_knobs(cfg))
     lengths = pair_lengths(train_set)
-    # the frozen reference's log-probs, once, for the pairs training will draw in max_steps steps and for every
-    # held-out pair; a pair never drawn keeps no reference value (its collate would fail loudly, not silently)
     used = rows_trained(len(train_set), settings, lengths)
-    reference = for_inference(AutoModelForCausalLM.from_pretrained(source))  # where train() will put the policy
-    for i, row in zip(used, add_reference_logps(reference, [train_set[i] for i in used], collate,
-                                                 cfg.batch_size * 2)):
-        train_set[i] = row
-    eval_set = add_reference_logps(reference, eval_set, collate, cfg.batch_size * 2)
-    del reference
+    eval_set = with_reference(source, train_set, used, eval_set, partial(add_reference_logps, collate=collate),
+                              cfg.batch_size * 2)
     policy = AutoModelForCausalLM.from_pretrained(source)
     log.info("%s (%s loss, beta %g): %d train pairs, %d of them drawn in %d steps / %d eval pairs", cfg.algorithm,
              cfg.loss_type, cfg.beta, len(train_set), len(used), cfg.max_steps, len(eval_set))
@@ -247,15 +260,10 @@ def unpaired_logps(model, batch: dict, rows: slice = slice(None)) -> torch.Tenso
     return sequence_logprobs(logits, batch["labels"][rows])[0]  # (n,)
 
 
-@torch.no_grad()
 def add_reference_kto_logps(ref_model, rows: list[dict], collate, batch_size: int) -> list[dict]:
-    """The rows with the frozen reference's summed log-probs of the completion and of the KL pair added."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        logps, kl_logps = unpaired_logps(ref_model, to_device(collate(chunk), ref_model)).chunk(2)  # (b,), (b,)
-        out += [{**r, "ref_logps": c, "ref_kl_logps": k} for r, c, k in zip(chunk, logps.tolist(), kl_logps.tolist())]
-    return out
+    """The rows with the frozen reference's summed log-probs of the completion and of the KL pair added (KTO)."""
+    return add_reference(ref_model, rows, collate, batch_size, lambda m, b: unpaired_logps(m, b).chunk(2),
+                         ("ref_logps", "ref_kl_logps"))
 
 
 def kto_knobs(cfg) -> str:
@@ -339,15 +347,9 @@ def kto_body(params: Params, root: Path, run: StageRun) -> dict:
                         n_undesirable, ratio)
     settings = LoopSettings.from_config(cfg, params.seed, knobs=kto_knobs(cfg))
     lengths = unpaired_lengths(train_set)
-    # the frozen reference's log-probs (completion and KL pair), once, for the rows training will draw in max_steps
-    # steps and for every held-out row; a row never drawn keeps no reference value
-    used = rows_trained(len(train_set), settings, lengths)
-    reference = for_inference(AutoModelForCausalLM.from_pretrained(source))  # where train() will put the policy
-    for i, row in zip(used, add_reference_kto_logps(reference, [train_set[i] for i in used], collate,
-                                                     cfg.batch_size * 2)):
-        train_set[i] = row
-    eval_set = add_reference_kto_logps(reference, eval_set, collate, cfg.batch_size * 2)
-    del reference
+    used = rows_trained(len(train_set), settings, lengths)  # completion and KL pair, as with_reference says
+    eval_set = with_reference(source, train_set, used, eval_set, partial(add_reference_kto_logps, collate=collate),
+                              cfg.batch_size * 2)
     policy = AutoModelForCausalLM.from_pretrained(source)
     log.info("kto (beta %g, weights %g / %g): %d train rows (%d desirable, %d undesirable), %d of them drawn in %d "
              "steps / %d eval rows", cfg.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight, len(train_set),
