@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from models.training import (
     _latest_checkpoint,
     param_groups,
     planned_batches,
+    publish_checkpoint,
     to_device,
     use_bf16,
 )
@@ -309,18 +309,11 @@ def update_step(models: Models, settings: OnlineSettings, batch: dict, optimizer
 
 
 def _save(folder: Path, key: str, state: LoopState, models: Models, optimizers: list, kl) -> None:
-    target, tmp = folder / f"step-{state.update}", folder / f".tmp-step-{state.update}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"policy": models.policy.state_dict(),
-                "value": models.value.state_dict() if models.value is not None else None,
-                "optimizers": [(o.state_dict(), s.state_dict()) for o, s, _ in optimizers],
-                "kl_coef": kl.value, "rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "loop.json").write_text(json.dumps({"step": state.update, "key": key, "history": state.history}))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_checkpoint(folder, state.update, key, state.history, lambda tmp: torch.save({
+        "policy": models.policy.state_dict(),
+        "value": models.value.state_dict() if models.value is not None else None,
+        "optimizers": [(o.state_dict(), s.state_dict()) for o, s, _ in optimizers],
+        "kl_coef": kl.value, "rng": torch.get_rng_state()}, tmp / "state.pt"))
 
 
 def _resume(folder: Path, key: str, models: Models, optimizers: list, kl) -> LoopState | None:

@@ -275,13 +275,21 @@ def _check_finite(settings: LoopSettings, step: int, values: dict[str, float]) -
 
 
 def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str, history: list[dict]) -> None:
+    publish_checkpoint(folder, step, key, history, lambda tmp: accel.save_state(str(tmp)))
+
+
+def publish_checkpoint(folder: Path, step: int, key: str, history: list[dict], write: Callable[[Path], None]) -> None:
+    """folder/step-N: `write(tmp)` fills a temporary folder with the state, loop.json (step, resume key, history)
+    is added, then it is renamed into place; only the last two checkpoints are kept. A crash mid-save never
+    leaves a checkpoint that looks complete (train() here, and models/online.py's loop)."""
     target = folder / f"step-{step}"
     tmp = folder / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    accel.save_state(str(tmp))
+    tmp.mkdir(parents=True)
+    write(tmp)
     (tmp / "loop.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
     shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # a crash mid-save never leaves a checkpoint that looks complete
+    tmp.rename(target)
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
 
