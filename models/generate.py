@@ -26,6 +26,16 @@ from models.tokenizer import IGNORE_INDEX
 from models.training import model_device
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError unless temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (what `sample_next` takes)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -40,12 +50,7 @@ def sample_next(
     tokens whose probability reaches top_p (Holtzman et al. 2019, nucleus sampling; the
     most likely token always stays), then draw from what is left.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
 

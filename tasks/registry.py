@@ -20,6 +20,7 @@ completes the alias moves (when the journal has them) or undoes everything (when
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -266,7 +267,9 @@ def log_and_register(
     The version is created with its tags in one call, so no version exists without its lineage. It
     loads with `mlflow.transformers.load_model("models:/<name>/<version>")`, serves with
     `mlflow models serve`, and its artifacts hold plain transformers folders (`model/`,
-    `components/tokenizer/`).
+    `components/tokenizer/`). A `text-generation` model (the policy) is served as a chat model
+    (tasks/serving.py: messages and sampling params in, greedy by default); the others as MLflow's
+    transformers flavor serves them.
     """
     model_dir = Path(model_dir)
     run_id = run_id or (run.info.run_id if (run := mlflow.active_run()) else None)
@@ -274,7 +277,12 @@ def log_and_register(
         raise InstructflowError(f"registering '{model_name}' needs an MLflow run: pass run_id or start a run first")
     components = _load_components(model_dir, task)
     tags = {**version_tags(lineage, metrics), WEIGHTS_TAG: weights_sha or weights_sha256(model_dir)}
-    info = mlflow.transformers.log_model(
+    log_model = mlflow.transformers.log_model
+    if task == "text-generation":
+        from tasks import serving  # torch and the generation code: only when a policy is logged
+
+        log_model = functools.partial(serving.log_chat_model, served_name=model_name)
+    info = log_model(
         transformers_model=components,
         name="model",
         task=task,
