@@ -39,6 +39,14 @@ def _root(root: Path | None) -> Path:
     return env.setup(root.resolve() if root else None)
 
 
+def prepare_base_model(project: Path, params) -> None:
+    """`pretrain.base_model` before DVC runs: a folder checked, a registry URI resolved (tasks/base_model.py)."""
+    if params.pretrain.base_model is not None:  # MLflow is imported only for a project that names a base
+        from tasks.base_model import prepare_base_model as prepare
+
+        prepare(project, params)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
@@ -192,6 +200,7 @@ def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
             _fail(exc)
     try:
         params = load_params(project / "params.yaml", set_ or [], preset)  # fail before Prefect starts
+        prepare_base_model(project, params)  # a base folder checked, a registry alias resolved: DVC sees it move
     except InstructflowError as exc:
         _fail(exc)
     started = time.perf_counter()
@@ -311,6 +320,7 @@ def _stage(project: Path, name: str) -> None:
         stage_named(name)
         params = load_params(project / "params.yaml")
         preflight(project, params, upstream_closure(name))
+        prepare_base_model(project, params)
         from tasks.tracking import experiment_id
 
         experiment_id(params.experiment, project)  # an MLflow store shared with another clone: refused here too
@@ -331,6 +341,7 @@ def dvc_yaml_command(root: Root = None) -> None:
     """Render dvc.yaml from the stage table (instructflow/stages.py) and prepare.sources in params.yaml."""
     project = _root(root)
     try:
+        prepare_base_model(project, load_params(project / "params.yaml"))  # base/base_model.json, a dep it names
         changed = sync_dvc_yaml(project)
     except InstructflowError as exc:
         _fail(exc)
@@ -421,6 +432,54 @@ def embed(
     except InstructflowError as exc:
         _fail(exc)
     console.print(f"wrote {n} embeddings to {output_path}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="sft | align | pretrain (artifacts/<stage>), a model folder, or "
+                                              "models:/<name>@<alias> | models:/<name>/<version>")],
+    prompt: Annotated[Optional[str], typer.Option(help="one prompt (a user turn)")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help=".jsonl with 'prompt' or 'messages', or text, a prompt "
+                                                         "a line")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write the rows here as JSON lines (default: print them)")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    top_p: Annotated[float, typer.Option(help="in (0, 1]; 1 = off")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 0; 1 = off")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="per sample, within the model's positions")] = 128,
+    n: Annotated[int, typer.Option(help="samples per prompt")] = 1,
+    stop: Annotated[Optional[list[str]], typer.Option(help="end a sample before this text (repeatable)")] = None,
+    seed: Annotated[int, typer.Option(help="the same seed and params give the same rows")] = 0,
+    cache: Annotated[bool, typer.Option(help="the KV cache (--no-cache: recompute every step)")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="samples per forward pass")] = 8,
+    root: Root = None,
+) -> None:
+    """Sample from a model: rows {prompt, sample, response, finish_reason, new_tokens, seed, model_version,
+    sampling} as JSON lines, then how many rows and tokens/s (tasks/generation.py)."""
+    project = _root(root)
+    from tasks import generation
+
+    summary = generation.Summary(0, 0, 0.0)
+    try:
+        params = generation.sampling_params(
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens, n=n, stop=stop or [], seed=seed, use_cache=cache)
+        if (prompt is None) == (prompts is None):
+            raise InstructflowError("give --prompt or --prompts, not both" if prompt is not None
+                                    else "give --prompt TEXT or --prompts FILE")
+        asked = [generation.single_prompt(prompt)] if prompt is not None else generation.read_prompts(prompts)
+        loaded = generation.load_model(model, project)
+        rows = generation.counted(generation.generate_rows(loaded, asked, params, batch_size), summary)
+        if out is not None:
+            generation.write_rows(out, rows)
+        else:
+            for row in rows:
+                typer.echo(json.dumps(row, ensure_ascii=False))
+    except InstructflowError as exc:
+        _fail(exc)
+    Console(stderr=True).print(f"{summary.rows} rows from {loaded.model_version}, {summary.new_tokens} new tokens, "
+                               f"{summary.tokens_per_second:,.0f} tokens/s" + (f"; wrote {out}" if out else ""),
+                               highlight=False)
 
 
 if __name__ == "__main__":

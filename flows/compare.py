@@ -13,7 +13,9 @@ and every value aligns from the same ones.
 - **Figures.** Per value, from metrics/align.json and metrics/evaluate.json: the policy's mean reward minus the
   SFT model's under the reward model, the win-rate against SFT with its interval (also on synthetic and real
   prompts apart), the KL to the reference, exact match (with the paired gain over SFT, per task kind where
-  evaluate records one), align's own key metrics, and the wall time of the stages that ran for it. One
+  evaluate records one), align's own key metrics, where evaluate measured multi-task records their per-task exact
+  match, all-N-correct, calls, tokens and seconds (`sft.multitask=joint,sequential,cumulative`), and the wall
+  time of the stages that ran for it. One
   markdown table, `comparisons/compare.md`, with `comparisons/compare.json` beside it (not under `reports/`:
   that folder is evaluate's DVC output, which DVC empties when evaluate reruns and reports as modified when it
   holds a file of ours). MLflow gets one parent run `compare`: the key and values as params, each value's
@@ -223,6 +225,11 @@ def run_variant(project: Path, variant: Variant, preset: str | None, key: str) -
         record = json.loads(lineage.read_text())
         if record.get("params_hash") == variant.params.digest():  # the run that made this value's align output
             variant.align_train_s = record.get("wall_time_s")
+    lineage = project / "lineage" / "evaluate.json"  # multitask_seconds is volatile: lineage, not metrics
+    if lineage.is_file() and variant.evaluate:
+        record = json.loads(lineage.read_text())
+        if record.get("params_hash") == variant.params.digest() and "multitask_seconds" in record:
+            variant.evaluate = {**variant.evaluate, "multitask_seconds": record["multitask_seconds"]}
 
 
 # ------------------------------------------------------------------------------------------ putting back
@@ -331,6 +338,14 @@ def figures(variant: Variant) -> dict[str, Any]:
         out[f"align.{key}"] = al.get(key)
     out["wall_s"] = variant.wall_s if variant.status != "not run" else None
     out["align_train_s"] = variant.align_train_s if variant.status == "ok" else None
+    # multi-task records (evaluate, under sft.multitask), where evaluate measured them
+    per_task = (k for k in ev if k.startswith("multitask_exact_match_") and not k.endswith(("_ci_low", "_ci_high")))
+    for key in sorted(per_task):
+        out[key] = _ci(ev, key)
+    if "multitask_all_correct" in ev:
+        out["multitask_all_correct"] = _ci(ev, "multitask_all_correct")
+        for key in ("multitask_calls_per_record", "multitask_tokens_per_record", "multitask_seconds"):
+            out[key] = ev.get(key)
     return out
 
 
@@ -369,9 +384,13 @@ def table(plan_: Plan) -> tuple[list[str], list[list[str]]]:
                    - {"all"})
     align_keys = [f"align.{k}" for k in BY_NAME["align"].key_metrics
                   if any(f.get(f"align.{k}") is not None for f in rows_figures)]
+    tasks = sorted({k.removeprefix("multitask_exact_match_") for f in rows_figures for k in f
+                    if k.startswith("multitask_exact_match_")})
+    multitask = [*[f"multitask: {t} [CI]" for t in tasks], "multitask: all correct [CI]", "calls / record",
+                 "tokens / record", "multitask s"] if tasks else []
     header = [plan_.key, "status", "reward gain over SFT", "win-rate vs SFT [CI]", "KL to SFT [CI]",
               "exact match [CI]", "exact match gain over SFT [CI]",
-              *[f"exact match gain, {k} [CI]" for k in kinds], *align_keys, "wall s (stages run)"]
+              *[f"exact match gain, {k} [CI]" for k in kinds], *align_keys, *multitask, "wall s (stages run)"]
     rows = []
     for v, f in zip(plan_.variants, rows_figures):
         status = {"failed": f"failed: {short_error(v.error)}", "stopped": v.error}.get(v.status, v.status)
@@ -383,7 +402,11 @@ def table(plan_: Plan) -> tuple[list[str], list[list[str]]]:
                      _cell(f["kl_to_reference"]), _cell(f["exact_match"]),
                      _cell(f.get("exact_match_gain.all"), signed=True),
                      *[_cell(f.get(f"exact_match_gain.{k}"), signed=True) for k in kinds],
-                     *[_num(f.get(k)) for k in align_keys], wall])
+                     *[_num(f.get(k)) for k in align_keys],
+                     *([*[_cell(f.get(f"multitask_exact_match_{t}")) for t in tasks],
+                        _cell(f.get("multitask_all_correct")), _num(f.get("multitask_calls_per_record"), digits=2),
+                        _num(f.get("multitask_tokens_per_record"), digits=1),
+                        _num(f.get("multitask_seconds"), digits=1)] if tasks else []), wall])
     return header, rows
 
 

@@ -29,6 +29,7 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
         reward = stage("reward", sft)
         align = stage("align", sft, reward)
         evaluate = stage("evaluate", align, reward)
+        self_instruct = stage("self_instruct", sft)  # optional (self_instruct.enabled): new instructions from a model
 
         # encoder track (BERT): masked-LM pretraining -> [CLS] classifier and sentence embeddings (KorSTS);
         # it does not wait for the decoder
@@ -38,7 +39,7 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
 
         register = stage("register", evaluate, classify, similarity)
 
-        futures = [prepare, tokenizer, pretrain, sft, reward, align, evaluate, mlm, classify, similarity, register]
+        futures = [prepare, tokenizer, pretrain, sft, reward, align, evaluate, self_instruct, mlm, classify, similarity, register]
         return ctx.collect(futures)
 
 

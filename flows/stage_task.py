@@ -42,6 +42,7 @@ from instructflow import env, signals
 from instructflow.config import load_params, write_overrides
 from instructflow.errors import InstructflowError
 from instructflow.stages import sync_dvc_yaml
+from tasks.base_model import prepare_base_model
 from tasks.runtime import INVOCATION_ENV, read_lineage
 from tasks.register import recover as recover_registry
 from tasks.tracking import PARENT_ENV, ended_as_killed_on_signal, experiment_id, mark_stale_runs, owner_tags
@@ -233,6 +234,7 @@ def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> 
 def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logger) -> Iterator[PipelineRun]:
     params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage
     preflight(project, params, params.stages())  # every source and input, before DVC removes any output
+    prepare_base_model(project, params)  # a base folder checked, a registry alias resolved: DVC sees it move
     experiment = experiment_id(params.experiment, project)  # a store shared with another clone fails here too
     with params_kept(project):
         if write_overrides(project / "params.yaml", overrides, preset):

@@ -7,9 +7,11 @@ Unknown keys and bad values fail before any work, naming the file, line, key, va
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -33,16 +35,25 @@ class SyntheticConfig(Section):
     n_eval: int = Field(200, ge=1, description="held-out synthetic tasks: exact-match accuracy is measured on them")
     kinds: list[Literal["translate", "rename", "arithmetic"]] = Field(
         ["translate", "rename", "arithmetic"], min_length=1, description="task kinds to generate")
+    multitask_train: int = Field(200, ge=0, description="built-in multi-task records (one translate, rename and "
+                                 "arithmetic item each, none a held-out task's) for training (with prepare.demo)")
+    multitask_eval: int = Field(100, ge=0, description="held-out built-in multi-task records (evaluate: per-task "
+                                "exact match and all-N-correct under sft.multitask)")
 
 
 class SourceConfig(Section):
     path: str = Field(description="data file or folder (its supported files), relative to the project root")
-    role: Literal["pretrain", "sft", "preference", "unpaired"] = Field(description="what the rows are for")
+    role: Literal["pretrain", "sft", "preference", "unpaired", "tasks"] = Field(
+        description="what the rows are for; tasks: records of key-value fields that prepare.tasks renders into "
+                    "prompts and answers (instructflow/multitask.py)")
     format: Literal["auto", "text", "jsonl", "json", "csv", "tsv"] = Field(
         "auto", description="file format; auto: by extension (json: an array of records, or JSON lines)")
     columns: dict[str, str] = Field({}, description="canonical field -> column name, for CSV/TSV/JSONL with other names")
     group_rows: int = Field(1, ge=1, description="pretrain: join this many short rows into one document")
     skip_invalid: bool = Field(False, description="skip (and count) invalid rows instead of failing the stage")
+    tasks: list[dict[str, str]] | str | None = Field(
+        None, description="role tasks: this source's task definitions, a list or a YAML file of them (default: "
+                          "prepare.tasks)")
 
 
 class PrepareConfig(Section):
@@ -56,6 +67,28 @@ class PrepareConfig(Section):
                                                           "characters, naming its file and line (null: no bound)")
     synthetic: SyntheticConfig = SyntheticConfig()
     sources: list[SourceConfig] = Field([], description="user data files added to the demo data")
+    tasks: list[dict[str, str]] | str = Field(
+        [], description="task definitions of the `tasks` sources: a list of {name, instruction, template, answer} "
+                        "(template: Jinja over a record's fields; answer: a field or a Jinja expression), or a YAML "
+                        "file holding that list; checked by prepare (instructflow/multitask.py), which every "
+                        "stage would otherwise depend on")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tasks(cls, data: Any) -> Any:
+        """A `tasks` source without its own definitions takes prepare.tasks (so a source alone says how to read it)."""
+        if isinstance(data, dict) and data.get("tasks") and isinstance(data.get("sources"), list):
+            data = {**data, "sources": [{**s, "tasks": data["tasks"]} if isinstance(s, dict) and s.get("role") == "tasks"
+                                        and s.get("tasks") is None else s for s in data["sources"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _tasks_sources(self) -> "PrepareConfig":
+        bare = [i for i, s in enumerate(self.sources) if s.role == "tasks" and not s.tasks]
+        if bare:
+            raise ValueError(f"sources[{bare[0]}] has role tasks but no task definitions: set prepare.tasks (or the "
+                             f"source's own tasks) to a list of {{name, instruction, template, answer}} or a YAML file")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -103,6 +136,25 @@ class PretrainConfig(TrainConfig):
     lr: float = Field(1e-3, gt=0, le=1)
     save_steps: int = Field(200, ge=1, description="checkpoint every N steps into checkpoints/pretrain (resumable)")
     resume: bool = Field(True, description="resume from the latest checkpoint made with the same params, tokenizer and data")
+    base_model: str | None = Field(
+        None, description="start from this model instead of training one: a local Hugging Face folder (relative to the "
+                          "project root, or absolute) or a registry URI models:/<name>@<alias> or models:/<name>/<version>; "
+                          "the tokenizer and pretrain stages then take its tokenizer and weights (tasks/base_model.py)")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("expected a model folder or models:/<name>@<alias>, got an empty string (null: no base model)")
+        if value.startswith("models:/"):
+            if not re.fullmatch(r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[0-9]+)", value):
+                raise ValueError(f"registry URI {value!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        elif re.match(r"^[a-z][a-z0-9+.-]*://", value):
+            raise ValueError(f"{value!r}: expected a local folder or a models:/ registry URI; download a hub model "
+                             "first (huggingface-cli download <repo> --local-dir <folder>) and name the folder")
+        return value
 
 
 class LoraConfig(Section):
@@ -118,6 +170,11 @@ class SFTConfig(TrainConfig):
     max_length: int = Field(256, ge=16, description="prompt + response tokens; a longer row keeps its prompt and "
                                                     "loses the response's end (dropped when the prompt fills it)")
     lr: float = Field(5e-4, gt=0, le=1)
+    multitask: Literal["joint", "sequential", "cumulative"] = Field(
+        "sequential", description="how multi-task records (data/prepared/multitask_*.jsonl) are trained and asked: "
+        "joint (one prompt, one `name: answer` line per task), sequential (one prompt per task: the shape of the "
+        "synthetic rows, hence the default) or cumulative (one conversation, each task after the earlier answers, "
+        "the model's own at inference)")
 
 
 class RewardConfig(TrainConfig):
@@ -294,6 +351,37 @@ class SimilarityConfig(TrainConfig):
         return self
 
 
+class SelfInstructConfig(Section):
+    """Self-Instruct (Wang et al. 2022): instructions sampled from a model, filtered (instructflow/self_instruct.py).
+
+    Sampling follows the reference implementation (temperature 0.7, top_p 0.5); it needs a capable base model: a
+    tiny one writes few usable instructions.
+    """
+
+    enabled: bool = Field(False, description="run the self_instruct stage; off: it writes an empty data set")
+    model: str = Field("sft", description="the model that writes the instructions, as `instructflow generate` takes "
+                       "one: a stage (sft -> artifacts/sft), a folder with a causal LM and its tokenizer, or "
+                       "models:/<name>@<alias>")
+    seed_path: str = Field("data/raw/self_instruct_seed_tasks.jsonl",
+                           description="human seed tasks: JSON lines with an 'instruction' each (yizhongw/self-instruct)")
+    n_instructions: int = Field(100, ge=1, description="stop once this many instructions are kept")
+    max_rounds: int = Field(20, ge=1, description="rounds of prompts at most (each asks prompts_per_round prompts)")
+    prompts_per_round: int = Field(8, ge=1, description="prompts per round; the pool grows between rounds")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    max_new_tokens: int = Field(256, ge=8, description="tokens per completion; a completion cut here loses its "
+                                "last item (dropped as truncated)")
+    temperature: float = Field(0.7, gt=0, le=2)
+    top_k: int = Field(0, ge=0, description="0: off")
+    top_p: float = Field(0.5, gt=0, le=1)
+    n_human: int = Field(6, ge=1, description="seed instructions per prompt")
+    n_machine: int = Field(2, ge=0, description="machine instructions per prompt once the pool has them "
+                           "(seeds fill in before)")
+    rouge_threshold: float = Field(0.7, gt=0, le=1, description="drop a candidate whose ROUGE-L F-measure with any "
+                                   "pooled instruction reaches this")
+    keep_korean: bool = Field(True, description="keep instructions that start with Hangul (the reference drops "
+                              "every non-ASCII start)")
+
+
 class ScheduleConfig(Section):
     cron: str = Field("0 2 * * *", description="when `instructflow serve` runs the pipeline (nightly at 02:00)")
     timezone: str = "UTC"
@@ -338,14 +426,18 @@ class Params(Section):
     mlm: MLMConfig = MLMConfig()
     classify: ClassifyConfig = ClassifyConfig()
     similarity: SimilarityConfig = SimilarityConfig()
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     def chosen(self, stage: str) -> bool:
-        """Whether a stage's track is chosen (prepare, tokenizer and register serve every track)."""
+        """Whether a stage's track is chosen (prepare, tokenizer and register serve every track) and, for an
+        optional stage, its switch is on."""
         from instructflow.stages import stage as stage_named
 
-        track = stage_named(stage).track
-        return track is None or getattr(self.tracks, track)
+        s = stage_named(stage)
+        if s.switch is not None and not functools.reduce(getattr, s.switch.split("."), self):
+            return False
+        return s.track is None or getattr(self.tracks, s.track)
 
     def stages(self) -> list[str]:
         """The stages of the chosen tracks, in pipeline order."""

@@ -13,6 +13,8 @@ Canonical records (one JSON object per line in the prepared files):
     preference  {"prompt": [messages ending with user], "chosen", "rejected", "source"}
     unpaired    {"prompt": [messages ending with user], "completion", "label": bool, "source"}
     prompts     {"messages": [messages ending with user], "reference", "source"}   (eval-time prompts)
+    tasks       {"id", "fields", "tasks": [{"name", "instruction", "input", "answer"}, ...], "source"}
+                (a record of key-value fields rendered by the task definitions: instructflow/multitask.py)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from instructflow.errors import ConfigError, DataError
 
 log = logging.getLogger("instructflow")
 
-ROLES = ("pretrain", "sft", "preference", "unpaired", "prompts")
+ROLES = ("pretrain", "sft", "preference", "unpaired", "prompts", "tasks")
 FORMATS = ("text", "jsonl", "json", "csv", "tsv")  # json: an array of records (or JSON lines; both are read)
 EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -67,6 +69,7 @@ RECORD_FIELDS = {
     "preference": ("prompt", "chosen", "rejected", "source"),
     "unpaired": ("prompt", "completion", "label", "source"),
     "prompts": ("messages", "reference", "source"),
+    "tasks": ("id", "fields", "tasks", "source"),
 }
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -86,6 +89,8 @@ class Source:
     skip_invalid: bool = False  # drop bad rows (counted in stats) instead of failing: only for known-quirky data
     name: str = ""  # the `source` label in the outputs; default: the file name
     max_chars: int | None = None  # refuse a row (a plain-text line) with more characters than this (prepare.max_chars)
+    # role tasks: (fields, path, line, element) -> the row's rendered tasks (multitask.renderer of prepare.tasks)
+    render_tasks: Callable[[dict, Path, int | None, int | None], list[dict]] | None = None
 
     @property
     def label(self) -> str:
@@ -592,6 +597,15 @@ def convert(at: _At, row: dict, schema: str, role: str) -> list[dict]:
     raise AssertionError(role)
 
 
+def task_record(at: _At, row: dict, source: Source) -> dict:
+    """A `tasks` row: its fields and, per task definition, the rendered input and gold answer."""
+    if source.render_tasks is None:
+        raise ConfigError(f"source {source.path}: role tasks needs task definitions (prepare.tasks)")
+    element = f"[{at.element}]" if at.element is not None else ""
+    return {"id": f"{source.label}:{at.line}{element}", "fields": row,
+            "tasks": source.render_tasks(row, at.path, at.line, at.element)}
+
+
 def _mapped(row: dict, columns: dict[str, str]) -> dict:
     """The row with its columns renamed to canonical fields."""
     if not columns:
@@ -720,8 +734,11 @@ def load_source(source: Source) -> Loaded:
         row = _mapped(raw, source.columns)
         try:
             _check_length(at, raw, source.max_chars)
-            schema = schema or _row_schema(at, raw, row, source)
-            records += convert(at, row, schema, source.role)
+            if source.role == "tasks":
+                records.append(task_record(at, row, source))
+            else:
+                schema = schema or _row_schema(at, raw, row, source)
+                records += convert(at, row, schema, source.role)
         except DataError as e:
             error = _in_file_terms(e, source.columns)
             if not source.skip_invalid:
@@ -756,14 +773,14 @@ def record_key(record: dict) -> str:
     return json.dumps(normalise_whitespace(body), ensure_ascii=False, sort_keys=True)
 
 
-def dedup(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(kept, dropped): the first of each set of duplicate records is kept, in order."""
+def dedup(records: list[dict], key: Callable[[dict], str] = record_key) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped): the first of each set of duplicate records (equal keys) is kept, in order."""
     seen: set[str] = set()
     kept, dropped = [], []
     for record in records:
-        key = record_key(record)
-        (dropped if key in seen else kept).append(record)
-        seen.add(key)
+        k = key(record)
+        (dropped if k in seen else kept).append(record)
+        seen.add(k)
     return kept, dropped
 
 

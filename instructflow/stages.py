@@ -42,6 +42,8 @@ class Stage:
     plots: tuple[str, ...] = ()
     """columns of <out>/history.csv plotted against step"""
     cache_outs: bool = True
+    switch: str | None = None
+    """an optional stage's on-switch, a boolean params.yaml key: off (like a track that is off) while it is false"""
 
     @property
     def metrics(self) -> str:
@@ -62,7 +64,7 @@ LOSS = ("loss", "eval_loss")
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", reads=("data/raw",), outs=("data/prepared",),
           key_metrics=("sft_train", "preference_train", "pretrain_train")),
-    Stage("tokenizer", reads=("data/prepared",), outs=("artifacts/tokenizer",),
+    Stage("tokenizer", reads=("data/prepared",), outs=("artifacts/tokenizer",), params=("pretrain.base_model",),
           key_metrics=("vocab_size", "chars_per_token_en", "chars_per_token_ko")),
     Stage("pretrain", reads=("artifacts/tokenizer", "data/prepared"), outs=("artifacts/pretrain",),
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_perplexity")),
@@ -74,8 +76,10 @@ STAGES: tuple[Stage, ...] = (
           track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_reward_accuracy")),
     Stage("evaluate", reads=("artifacts/align", "artifacts/sft", "artifacts/reward", "artifacts/pretrain",
                              "data/prepared"),
-          outs=("reports",), track="decoder", gpu=True, params=("reward",), preset_params=("reward",),
+          outs=("reports",), track="decoder", gpu=True, params=("reward", "sft.multitask"), preset_params=("reward",),
           key_metrics=("exact_match", "win_rate", "reward_accuracy", "kl_to_reference")),
+    Stage("self_instruct", reads=("artifacts/sft", "${self_instruct.seed_path}"), outs=("data/self_instruct",),
+          track="decoder", gpu=True, switch="self_instruct.enabled", key_metrics=("enabled", "kept", "keep_rate")),
     Stage("mlm", reads=("artifacts/tokenizer", "data/prepared"), outs=("artifacts/mlm",),
           track="encoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_masked_accuracy")),
     Stage("classify", reads=("artifacts/mlm", "${classify.train_path}", "${classify.test_path}"),
@@ -90,6 +94,10 @@ STAGES: tuple[Stage, ...] = (
           outs=("registry",), params=("tracks",), cache_outs=False, key_metrics=()),
 )
 BY_NAME = {s.name: s for s in STAGES}
+BASE_STAGES = ("tokenizer", "pretrain")
+"""the stages that take `pretrain.base_model` instead of training (tasks/base_model.py)"""
+BASE_RESOLUTION = "base/base_model.json"
+"""where a registry base model's resolution (name, version, run, weights hash) is recorded: their DVC dep"""
 NAMES = tuple(s.name for s in STAGES)
 
 
@@ -165,7 +173,7 @@ def _in_presets(root: Path, section: str) -> bool:
     return bool(have)
 
 
-def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None) -> dict:
+def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None, base: list[str] | None = None) -> dict:
     params: list = ["preset", "seed"]
     if s.track:
         params.append(f"tracks.{s.track}")
@@ -173,7 +181,7 @@ def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None) -
     sized = [p for p in (s.name, *s.preset_params) if _in_presets(root, p)]
     if sized:
         params.append({"instructflow/presets.yaml": [f"${{preset}}.{p}" for p in sized]})
-    reads = list(s.reads) + (sources or [] if s.name == "prepare" else [])
+    reads = list(s.reads) + (sources or [] if s.name == "prepare" else []) + (base or [] if s.name in BASE_STAGES else [])
     return {
         "cmd": f"python -m tasks.{s.name}",
         "deps": code_deps(f"tasks.{s.name}", root) + reads,
@@ -185,15 +193,16 @@ def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None) -
     }
 
 
-def dvc_yaml(root: Path = ROOT, sources: list[str] | None = None) -> str:
+def dvc_yaml(root: Path = ROOT, sources: list[str] | None = None, base: list[str] | None = None) -> str:
     """dvc.yaml's text: the stages in pipeline order, then the plots read from their output folders.
 
     `sources` are the data files listed in `prepare.sources` (params.yaml): prepare depends on them and on
-    data/raw, not on every file that happens to sit in data/user.
+    data/raw, not on every file that happens to sit in data/user. `base` is what `base_model_deps` gives for
+    `pretrain.base_model`: a dep of the stages that take the base model.
     """
     import yaml
 
-    stages = {s.name: stage_entry(s, root, sources) for s in STAGES}
+    stages = {s.name: stage_entry(s, root, sources, base) for s in STAGES}
     plots = [{f"{s.name}_loss": {"x": "step", "y": {f"{s.output}/history.csv": list(s.plots)}}}
              for s in STAGES if s.plots]
     plots.append({"evaluate_rewards": {"template": "scatter", "x": "policy_reward",
@@ -203,8 +212,21 @@ def dvc_yaml(root: Path = ROOT, sources: list[str] | None = None) -> str:
 
 
 def source_paths(params) -> list[str]:
-    """The files listed in prepare.sources, as DVC deps (relative to the project root where they can be)."""
-    return list(dict.fromkeys(src.path for src in params.prepare.sources))
+    """The files listed in prepare.sources, and the task-definition files of its `tasks` sources, as DVC deps
+    (relative to the project root where they can be), so editing either reruns prepare."""
+    paths = [src.path for src in params.prepare.sources]
+    paths += [src.tasks for src in params.prepare.sources if isinstance(src.tasks, str)]
+    if isinstance(params.prepare.tasks, str):
+        paths.append(params.prepare.tasks)
+    return list(dict.fromkeys(paths))
+
+
+def base_model_deps(base_model: str | None) -> list[str]:
+    """DVC deps for `pretrain.base_model`: the folder itself (its content hash in dvc.lock), or for a registry URI
+    the file its resolution is recorded in (tasks/base_model.py writes it before DVC runs); none without one."""
+    if base_model is None:
+        return []
+    return [BASE_RESOLUTION if base_model.startswith("models:/") else base_model]
 
 
 def sync_dvc_yaml(root: Path) -> bool:
@@ -212,7 +234,8 @@ def sync_dvc_yaml(root: Path) -> bool:
     from instructflow.config import load_params
     from instructflow.io import atomic_file
 
-    text = dvc_yaml(root, source_paths(load_params(root / "params.yaml")))
+    params = load_params(root / "params.yaml")
+    text = dvc_yaml(root, source_paths(params), base_model_deps(params.pretrain.base_model))
     path = root / "dvc.yaml"
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False

@@ -12,6 +12,9 @@ against its simple baseline on the same items, with a paired bootstrap interval 
   pairs and against "the longer response wins", on synthetic and on real held-out pairs separately;
 - align: the policy's win-rate against a tie with SFT (0.5), overall and on synthetic and real prompts apart, and
   its exact match against SFT's.
+
+Multi-task records (`multitask_*` metrics, tasks/multitask_eval.py): per-task exact match and all-N-correct, model
+calls and generated tokens per record, under the strategy `sft.multitask` trained.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from models.generate import generate, generate_batched, sequence_logprobs_of
 from models.stats import Gain, baseline_flags, bootstrap_ci, gain_metrics, gain_table, paired_gain, win_rate
 from models.tokenizer import chat_example, encode_chat, encode_prompt, load_tokenizer, preference_example
 from models.training import for_inference, perplexity
+from tasks.multitask_eval import evaluate_multitask
 from tasks.reward import preference_set, rewards
 from tasks.runtime import read_prepared, run_stage, stage_output
 from tasks.tracking import StageRun
@@ -250,10 +254,14 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
         flat[f"{key}_ci_high"] = value["ci_high"]
     flat.update(n_exact_match=len(tasks), n_reward_pairs=len(pairs), n_judged_prompts=len(judged),
                 n_judged_synthetic=sum(s == "synthetic" for _, s in judged))
+    # 6. held-out multi-task records (if prepare wrote any), asked the sft.multitask way (tasks/multitask_eval.py)
+    multitask_metrics, multitask_report = evaluate_multitask(policy, tok, params, root)
+    flat.update(multitask_metrics)
     order = {"sft": 0, "reward": 1, "align": 2}  # pipeline order in the table
     gains = sorted(gains, key=lambda g: order.get(g.stage, len(order)))
     flat.update(gain_metrics(gains))
     report = render_report(params, results, flat, samples, tasks, answers, gains)
+    report += "\n".join(multitask_report) + "\n" * bool(multitask_report)
 
     with stage_output(root, "evaluate", run) as out:
         (out / "evaluation.md").write_text(report, encoding="utf-8")

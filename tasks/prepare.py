@@ -8,6 +8,10 @@ path, adds the synthetic tasks, and writes, all or nothing:
     preference_{train,eval}.jsonl  {"prompt", "chosen", "rejected", "source"[, "task"]}
     unpaired_{train,eval}.jsonl    {"prompt", "completion", "label", "source"[, "task"]}
     prompts_eval.jsonl             {"messages", "reference", "source"}   real prompts for sample generation
+    multitask_{train,eval}.jsonl   {"id", "fields", "tasks": [{"name", "instruction", "input", "answer"}], "source"}
+                                   multi-task records (the `tasks` sources and, with demo, the built-in example),
+                                   rendered but not yet composed: sft composes them under sft.multitask
+    multitask_tasks.json           the task definitions, per source
     stats.json                     row counts per file and per source, duplicates dropped, rows capped
 """
 
@@ -20,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from instructflow import synthetic
+from instructflow import multitask, synthetic
 from instructflow.data import (
     Loaded,
     Source,
@@ -58,7 +62,9 @@ def user_source(cfg_source: Any, root: Path, max_chars: int | None = None) -> So
     """A `prepare.sources` entry as a Source; a relative path is relative to the project root.
 
     max_chars (prepare.max_chars) bounds the rows of user files; the demo data is pinned (data/raw/SHA256SUMS).
+    A `tasks` source renders its rows with its task definitions (its own, or prepare.tasks), checked here.
     """
+    tasks = getattr(cfg_source, "tasks", None) if cfg_source.role == "tasks" else None
     path = Path(cfg_source.path)
     return Source(
         path=path if path.is_absolute() else root / path,
@@ -68,6 +74,8 @@ def user_source(cfg_source: Any, root: Path, max_chars: int | None = None) -> So
         group_rows=getattr(cfg_source, "group_rows", 1),
         skip_invalid=getattr(cfg_source, "skip_invalid", False),
         max_chars=max_chars,
+        render_tasks=multitask.renderer(multitask.load_task_defs(tasks, root, f"prepare.sources ({cfg_source.path})"))
+        if tasks else None,
     )
 
 
@@ -90,7 +98,7 @@ def build(cfg: Any, seed: int, raw_dir: Path, out_dir: Path) -> dict:
         log.info("read %s as %s: %d rows -> %d records%s", item.source.path.name, item.source.role, item.rows,
                  len(item.records), f", {len(item.skipped)} invalid rows skipped" if item.skipped else "")
 
-    per_role: dict[str, list[dict]] = {role: [] for role in (*SPLIT_ROLES, "prompts")}
+    per_role: dict[str, list[dict]] = {role: [] for role in (*SPLIT_ROLES, "prompts", "tasks")}
     for item in loaded:
         per_role[item.source.role] += item.records
 
@@ -127,13 +135,48 @@ def build(cfg: Any, seed: int, raw_dir: Path, out_dir: Path) -> dict:
         outputs[f"{role}_train.jsonl"] = shuffled(train, seed)
         outputs[f"{role}_eval.jsonl"] = shuffled(held_out, seed)
 
+    definitions = {item.source.label: multitask.definitions(item.source.render_tasks.tasks) for item in loaded
+                   if item.source.role == "tasks"}
+    definitions.update(multitask_outputs(cfg, seed, per_role["tasks"], tasks, outputs, dropped))
     stats = _stats(seed, loaded, outputs, dropped, capped, tasks)
     with atomic_dir(out_dir) as tmp:
         for name, rows in outputs.items():
             write_jsonl(tmp / name, rows)
+        if definitions:
+            (tmp / "multitask_tasks.json").write_text(json.dumps(definitions, ensure_ascii=False, indent=2) + "\n",
+                                                      encoding="utf-8")
         (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     log.info("wrote %s: %s", out_dir, ", ".join(f"{name} {n}" for name, n in stats["files"].items()))
     return stats
+
+
+def multitask_outputs(cfg: Any, seed: int, records: list[dict], tasks: synthetic.SyntheticSplits,
+                      outputs: dict[str, list[dict]], dropped: dict[str, Counter]) -> dict:
+    """Add multitask_{train,eval}.jsonl to outputs (when there are records): the `tasks` sources' records,
+    deduplicated and split, plus with demo the built-in example; return the built-in example's task definitions."""
+    kept, duplicates = dedup(records, multitask.record_key)
+    dropped["tasks"] = _per_source(duplicates)
+    train, held_out = split(kept, cfg.eval_fraction, seed, key=multitask.record_key)
+    definitions = {}
+    n_train = getattr(cfg.synthetic, "multitask_train", 0)
+    n_eval = getattr(cfg.synthetic, "multitask_eval", 0)
+    if cfg.demo and n_train + n_eval:
+        demo_train, demo_eval = multitask.demo_records(n_train, n_eval, tasks.eval, seed)
+        train += demo_prepared(demo_train, "train")
+        held_out += demo_prepared(demo_eval, "eval")
+        definitions[multitask.DEMO_SOURCE] = multitask.definitions(multitask.DEMO_TASKS)
+    if train or held_out:
+        outputs["multitask_train.jsonl"] = shuffled(train, seed)
+        outputs["multitask_eval.jsonl"] = held_out
+    return definitions
+
+
+def demo_prepared(records: list[dict], part: str) -> list[dict]:
+    """The built-in example's field records rendered as a `tasks` source's are."""
+    where = f"<built-in multitask example, {part}>"
+    return [{"id": f"{multitask.DEMO_SOURCE}:{part}:{i}", "fields": fields,
+             "tasks": multitask.render_record(fields, multitask.DEMO_TASKS, where, i), "source": multitask.DEMO_SOURCE}
+            for i, fields in enumerate(records, 1)]
 
 
 def _stats(seed: int, loaded: list[Loaded], outputs: dict[str, list[dict]], dropped: dict[str, Counter],
@@ -153,6 +196,7 @@ def _stats(seed: int, loaded: list[Loaded], outputs: dict[str, list[dict]], drop
             entry["capped"] = capped.get(role, Counter())[label]
     for name, rows in outputs.items():
         role, part = name.removesuffix(".jsonl").rsplit("_", 1)
+        role = "tasks" if role == "multitask" else role
         for label, n in _per_source(rows).items():
             sources.setdefault(role, {}).setdefault(label, {})[part] = n
     return {
@@ -170,7 +214,8 @@ def _stats(seed: int, loaded: list[Loaded], outputs: dict[str, list[dict]], drop
 
 
 def check_sources_tracked(params, root: Path) -> None:
-    """Every file listed in prepare.sources must be a DVC dep of this stage, or DVC would miss its changes."""
+    """Every file prepare.sources (or a task-definition file) names must be a DVC dep of this stage, or DVC would
+    miss its changes."""
     import yaml
 
     from instructflow.errors import ConfigError
@@ -179,7 +224,7 @@ def check_sources_tracked(params, root: Path) -> None:
     deps = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get("prepare", {}).get("deps", [])
     missing = [path for path in source_paths(params) if path not in deps]
     if missing:
-        raise ConfigError(f"params.yaml: prepare.sources lists {missing}, which dvc.yaml does not track yet; "
+        raise ConfigError(f"params.yaml: prepare.sources or prepare.tasks names {missing}, which dvc.yaml does not track yet; "
                           "run `instructflow dvc-yaml` (instructflow run and instructflow stage do it for you)")
 
 

@@ -31,7 +31,8 @@ from instructflow import signals
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
 from instructflow.io import atomic_dir, write_json_atomic
-from tasks import registry
+from instructflow.stages import BASE_RESOLUTION
+from tasks import base_model, registry
 from tasks.runtime import lineage_path, read_lineage, run_stage
 from tasks.tracking import StageRun, owner_tags
 
@@ -42,9 +43,10 @@ def git_commit(root: Path) -> str:
     """HEAD's commit, '-dirty' when tracked code differs from it; 'unknown' outside a git checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        # dvc.lock is rewritten by the run itself and params.yaml is in params_hash: neither makes the code dirty
+        # dvc.lock is rewritten by the run itself, params.yaml is in params_hash and a registry base model's
+        # resolution (base/base_model.json) in the base_model.* tags: none makes the code dirty
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)dvc.lock", ":(exclude)params.yaml"], cwd=root,
+                                ":(exclude)dvc.lock", ":(exclude)params.yaml", f":(exclude){BASE_RESOLUTION}"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -72,7 +74,9 @@ def lineage(params: Params, root: Path, made_by: list[str]) -> dict[str, str]:
     """Version tags: the commit, the params hash, the data's DVC md5s and the MLflow run of every stage behind it.
 
     A stage's run id comes from lineage/<stage>.json, written by the run that made its current output. An
-    output restored from DVC's cache in another checkout has no such record here: its tag says so.
+    output restored from DVC's cache in another checkout has no such record here: its tag says so. A policy
+    fine-tuned from `pretrain.base_model` names its base: `base_model`, its weights hash, and the registry
+    version (`base_model.name`, `.version`, `.run_id`) or the folder's DVC md5 (`base_model.dvc_md5`).
     """
     tags = {"git_commit": git_commit(root), "params_hash": params.digest(), "preset": params.preset,
             **data_md5s(root, ["prepare"])}
@@ -84,6 +88,14 @@ def lineage(params: Params, root: Path, made_by: list[str]) -> dict[str, str]:
         tags[f"run.{stage}"] = run_id or "unknown"
     if "align" in made_by:  # which of dpo, kto, ppo, grpo, rloo made the policy: the registry's first question
         tags["align.algorithm"] = params.align.algorithm
+    base = root / "artifacts" / "pretrain" / "base_model.json"  # pretrain took pretrain.base_model: name it
+    if "pretrain" in made_by and base.is_file():
+        record = json.loads(base.read_text())
+        tags.update(base_model.lineage_tags(record))
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        for dep in lock.get("stages", {}).get("pretrain", {}).get("deps", []):
+            if dep["path"] == record["base_model"] and "md5" in dep:  # a folder's content hash, as DVC has it
+                tags["base_model.dvc_md5"] = dep["md5"]
     return tags
 
 

@@ -34,7 +34,8 @@ from tasks.tracking import StageRun, stage_run
 log = logging.getLogger("instructflow")
 
 # figures that differ between two runs on the same inputs: MLflow and the lineage file, never a cached output
-VOLATILE = ("tokens_per_sec", "wall_time_s", "rollout_tokens_per_sec", "rollout_seconds", "update_seconds")
+VOLATILE = ("tokens_per_sec", "wall_time_s", "rollout_tokens_per_sec", "rollout_seconds", "update_seconds",
+            "multitask_seconds")
 INVOCATION_ENV = "INSTRUCTFLOW_INVOCATION"  # set by the flow: tells it which stages its DVC call really ran
 
 
@@ -149,14 +150,18 @@ def resumable(root: Path, stage: str, params: Params, *inputs: Path) -> dict[str
 
 
 def _track_off(root: Path, stage: str, params: Params) -> None:
-    """A stage whose track is off: an output saying so (and an empty history for the plots), nothing trained."""
+    """A stage whose track (or an optional stage's switch) is off: an output saying so (and an empty history for the
+    plots), nothing trained."""
+    s = stage_named(stage)
+    track_on = s.track is None or getattr(params.tracks, s.track)
+    reason = (f"stage '{stage}' is off in params.yaml ({s.switch} is false)" if track_on else
+              f"track of stage '{stage}' is off in params.yaml")
     with atomic_dir(output_dir(root, stage)) as out:
-        write_json_atomic(out / "track_off.json", {"stage": stage, "chosen": False,
-                                                   "reason": f"track of stage '{stage}' is off in params.yaml"})
-        if stage_named(stage).plots:
-            (out / "history.csv").write_text(",".join(("step", *stage_named(stage).plots)) + "\n")
+        write_json_atomic(out / "track_off.json", {"stage": stage, "chosen": False, "reason": reason})
+        if s.plots:
+            (out / "history.csv").write_text(",".join(("step", *s.plots)) + "\n")
     write_json_atomic(root / "metrics" / f"{stage}.json", {"track_chosen": 0})
-    log.info("stage %s: its track is off in params.yaml (tracks: %s); nothing to do", stage, params.tracks.model_dump())
+    log.info("stage %s: %s (tracks: %s); nothing to do", stage, reason, params.tracks.model_dump())
 
 
 @signals.handling()

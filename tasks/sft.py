@@ -1,4 +1,8 @@
-"""Stage `sft`: instruction tuning of the pretrained model; the loss covers only the responses and their EOS."""
+"""Stage `sft`: instruction tuning of the pretrained model; the loss covers only the responses and their EOS.
+
+Multi-task records (data/prepared/multitask_train.jsonl) are composed here, under `sft.multitask`, and added to the
+SFT rows: prepare stays strategy-agnostic, so comparing strategies reruns sft onward only.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+from instructflow import multitask
 from instructflow.config import Params
 from instructflow.errors import InstructflowError
 from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
@@ -32,6 +37,13 @@ def sft_examples(tok, rows: list[dict], max_length: int, name: str = "sft",
     return [e for e in examples if e is not None]
 
 
+def multitask_rows(root: Path, strategy: str) -> list[dict]:
+    """The multi-task records' SFT rows under the strategy (none when prepare wrote no multitask records)."""
+    if not (root / "data" / "prepared" / "multitask_train.jsonl").is_file():
+        return []
+    return multitask.sft_rows(strategy, read_prepared(root, "multitask_train"))
+
+
 def apply_lora(model, cfg):
     from peft import LoraConfig, get_peft_model
 
@@ -50,6 +62,8 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     cut = {"train": Counter(), "eval": Counter()}
     train_set = sft_examples(tok, read_prepared(root, "sft_train"), cfg.max_length, "sft_train", cut["train"])
     eval_set = sft_examples(tok, read_prepared(root, "sft_eval"), cfg.max_length, "sft_eval", cut["eval"])
+    mt_rows = multitask_rows(root, cfg.multitask)
+    train_set += sft_examples(tok, mt_rows, cfg.max_length, f"multitask_train ({cfg.multitask})", cut["train"])
     if not train_set or not eval_set:
         raise InstructflowError(f"no SFT rows fit max_length {cfg.max_length}: raise sft.max_length")
     if cfg.method == "lora":
@@ -75,6 +89,7 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     metrics["trainable_params"] = trainable
     metrics["train_rows"] = len(train_set)
+    metrics["multitask_rows"] = len(mt_rows)
     metrics.update({f"{part}_rows_{what}": counter[what] for part, counter in cut.items()
                     for what in ("truncated", "dropped")})
     return metrics

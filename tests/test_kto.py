@@ -28,9 +28,9 @@ from tasks.runtime import read_prepared, seed_everything
 # fp32 reference's by rounding; in fp32 they agree to float noise, so the first loss is 1/2 to 1e-5
 FP32 = ["align.algorithm=kto", "align.bf16=false"]
 
-# test_stage_bodies' module fixtures, built once for this module too: the micro project and one intra-op thread
+# test_stage_bodies' module fixture, built once for this module too: the micro project; one intra-op thread
 project = bodies.project
-_one_thread = bodies._one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_kto(project, dest: Path, overrides: list[str]) -> SimpleNamespace:

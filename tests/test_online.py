@@ -34,12 +34,7 @@ from tasks.runtime import seed_everything
 VOCAB, BOS, EOS, PAD, TARGET = 16, 1, 2, 0, 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int, cls=LlamaForCausalLM):

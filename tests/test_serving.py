@@ -15,6 +15,7 @@ import mlflow
 import pytest
 import requests
 import torch
+from conftest import sqlite_store
 from helpers_tokenizer import make_test_tokenizer
 from mlflow.exceptions import MlflowException
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -169,19 +170,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def registered(policy_dir, tmp_path_factory):
     """The micro policy registered by `log_and_register` into a throwaway sqlite store; (tracking URI, version)."""
-    root = tmp_path_factory.mktemp("serving-store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        try:
-            experiment_id = mlflow.create_experiment("serving-tests", artifact_location=(root / "artifacts").as_uri())
-            with mlflow.start_run(experiment_id=experiment_id) as run:
-                version = log_and_register(NAME, policy_dir, "text-generation", {"git_commit": "0123abcd"},
-                                           {"exact_match": 0.5}, run_id=run.info.run_id)
-            yield uri, version.version
-        finally:
-            mlflow.set_tracking_uri(None)
+    with sqlite_store(tmp_path_factory.mktemp("serving-store"), "serving-tests") as (uri, experiment_id):
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            version = log_and_register(NAME, policy_dir, "text-generation", {"git_commit": "0123abcd"},
+                                       {"exact_match": 0.5}, run_id=run.info.run_id)
+        yield uri, version.version
 
 
 @pytest.fixture(scope="module")

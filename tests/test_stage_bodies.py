@@ -62,14 +62,7 @@ def differing(a: dict, b: dict) -> set[str]:
     return {k for k in a.keys() & b.keys() if not torch.equal(a[k], b[k])}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Micro models gain nothing from intra-op threads, and on a busy shared CPU spinning threads make every
-    stage ~10x slower (measured: sft 10 s with 2 threads under load, 1 s with 1); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +116,12 @@ def test_full_sft_trains_every_weight_and_saves_a_loadable_model(project):
             "train_rows_dropped", "eval_rows_truncated", "eval_rows_dropped"} <= metrics.keys()
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
-    # rows whose prompt alone fills sft.max_length are dropped (and counted); the rest are trained on
+    # rows whose prompt alone fills sft.max_length are dropped (and counted); the rest are trained on, the multi-task
+    # records' rows (composed under sft.multitask, sequential: one per task) among them
+    assert metrics["multitask_rows"] == 3 * len((root / "data" / "prepared" / "multitask_train.jsonl").read_text()
+                                                .splitlines()) > 0
     assert metrics["train_rows"] + metrics["train_rows_dropped"] == len(
-        (root / "data" / "prepared" / "sft_train.jsonl").read_text().splitlines())
+        (root / "data" / "prepared" / "sft_train.jsonl").read_text().splitlines()) + metrics["multitask_rows"]
     out = root / "artifacts" / "sft"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "history.csv", "loss.png"):
         assert (out / name).is_file(), name
@@ -345,6 +341,10 @@ def test_evaluate_writes_its_report_and_every_rate_lies_in_its_interval(project,
     report = (out / "evaluation.md").read_text(encoding="utf-8")
     assert report.startswith("# Evaluation report (micro preset)")
     assert "| win_rate |" in report and "| kl_to_reference |" in report
+    # the held-out multi-task records, asked the sft.multitask way (sequential: one call per task), in the report
+    assert metrics["n_multitask_records"] == len(read_prepared(root, "multitask_eval")) > 0
+    assert metrics["multitask_calls_per_record"] == 3 and "## Multi-task records" in report
+    assert metrics["multitask_all_correct_ci_low"] <= metrics["multitask_all_correct"] <= 1
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     prompts = (root / "data" / "prepared" / "prompts_eval.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(samples) == len(prompts) > 0

@@ -90,6 +90,18 @@ def test_prepare_depends_on_the_listed_sources_not_on_the_user_folder():
     assert "data/user" not in entry["deps"]
 
 
+def test_task_definition_files_are_deps_of_prepare():
+    from instructflow.config import Params
+    from instructflow.stages import source_paths
+
+    params = Params.model_validate({"prepare": {
+        "tasks": "data/user/tasks.yaml",
+        "sources": [{"path": "data/user/records.jsonl", "role": "tasks"},
+                    {"path": "data/user/other.csv", "role": "tasks", "tasks": "data/user/other_tasks.yaml"}]}})
+    assert source_paths(params) == ["data/user/records.jsonl", "data/user/other.csv", "data/user/tasks.yaml",
+                                    "data/user/other_tasks.yaml"]
+
+
 def test_core_and_models_import_no_upper_layer():
     """Layers: the core imports nothing of the project above it; models/ only the core."""
     allowed = {"instructflow": {"instructflow"}, "models": {"instructflow", "models"}}

@@ -92,6 +92,6 @@ def test_prepare_refuses_a_listed_source_that_dvc_does_not_track(tmp_path):
     result = run_stage(root, "prepare")
 
     assert result.returncode == 2
-    assert "prepare.sources lists ['data/user/chats.jsonl']" in result.stdout and "instructflow dvc-yaml" in result.stdout
+    assert "prepare.sources or prepare.tasks names ['data/user/chats.jsonl']" in result.stdout and "instructflow dvc-yaml" in result.stdout
     assert not (root / "data" / "prepared").exists()
     assert sync_dvc_yaml(root) and "data/user/chats.jsonl" in (root / "dvc.yaml").read_text()
