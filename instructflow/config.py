@@ -153,7 +153,7 @@ class PretrainConfig(TrainConfig):
                 raise ValueError(f"registry URI {value!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
         elif re.match(r"^[a-z][a-z0-9+.-]*://", value):
             raise ValueError(f"{value!r}: expected a local folder or a models:/ registry URI; download a hub model "
-                             "first (huggingface-cli download <repo> --local-dir <folder>) and name the folder")
+                             "first (hf download <repo> --local-dir <folder>) and name the folder")
         return value
 
 

@@ -55,7 +55,7 @@ def check_folder(path: Path, base_model: str) -> None:
         raise ConfigError(f"{where}: no such folder; expected a Hugging Face model folder")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{where}: no config.json; expected a Hugging Face model folder (save_pretrained, or "
-                          "huggingface-cli download <repo> --local-dir <folder>)")
+                          "hf download <repo> --local-dir <folder>)")
     if not any(p.is_file() and p.name.endswith(registry.WEIGHT_SUFFIXES) for p in path.iterdir()):
         raise ConfigError(f"{where}: no weight files; expected files ending in {', '.join(registry.WEIGHT_SUFFIXES)}")
     try:

@@ -48,7 +48,9 @@ def statuses(results):
 
 def test_every_stage_ran_and_wrote_its_metrics(project):
     root, first, _ = project
-    assert statuses(first) == {s: "ran" for s in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]}
+    # self_instruct is an optional stage, off unless self_instruct.enabled: DVC still records it
+    assert statuses(first) == {**{s: "ran" for s in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]},
+                               "self_instruct": "off"}
     for stage in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]:
         assert (root / "metrics" / f"{stage}.json").is_file(), stage
         lineage = json.loads((root / "lineage" / f"{stage}.json").read_text())  # outside DVC's outputs
@@ -68,7 +70,8 @@ def test_every_stage_ran_and_wrote_its_metrics(project):
 
 def test_second_run_skips_every_stage(project):
     _, _, second = project
-    assert set(statuses(second).values()) == {"skipped"}
+    assert statuses(second) == {s: "off" if s == "self_instruct" else "skipped" for s in statuses(second)}
+    assert len(statuses(second)) == 12
 
 
 def test_the_cli_answers_a_no_op_run_from_dvc_without_starting_prefect(project):
