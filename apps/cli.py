@@ -229,6 +229,59 @@ def _run(project: Path, preset: str | None, set_: list[str] | None) -> None:
     print_summary(results, params, project, time.perf_counter() - started)
 
 
+ROUNDS_HELP = "\n\n".join((
+    "Run InstructGPT's data loop R times: generate -> rank -> reward -> align, then evaluate and register.",
+    "Each round is a Prefect flow run on the pipeline's stages, with the loop on (loop.enabled, loop.round written "
+    "into params.yaml): the policy writes generate.samples responses to each of the round's generate.n_prompts "
+    "prompts, `rank` orders them (rank.method: verifier, reward_model or human), the rankings are added to "
+    "data/feedback (tracked with `dvc add`), and the reward model, the policy, evaluate and register rerun on them. "
+    "With rank.method human the round pauses with the labelling page's address in its log and resumes when every "
+    "prompt is ranked.",
+    "Rounds continue the project's numbering. The round-by-round table (reward accuracy on the fixed held-out "
+    "pairs, win-rate and KL against SFT, exact match) goes to rounds/rounds.md and MLflow run `rounds` (metrics per "
+    "round). Holds the checkout's run lock, as `run` does.",
+))
+
+
+@app.command(help=ROUNDS_HELP)
+def rounds(
+    n: Annotated[Optional[int], typer.Option("--rounds", "-r", min=1, help="rounds to run (default loop.rounds)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="micro | tiny | small (written to params.yaml)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override section.key=value (repeatable)")] = None,
+    root: Root = None,
+) -> None:
+    """ROUNDS_HELP: R rounds of the feedback loop (flows/rounds.py)."""
+    project = _root(root)
+    with _one_run(project), signals.handling():
+        try:
+            _rounds(project, n, preset, set_ or [])
+        except KeyboardInterrupt as exc:
+            _stopped(signals.received() or getattr(exc, "signum", 2))
+
+
+def _rounds(project: Path, n: int | None, preset: str | None, set_: list[str]) -> None:
+    try:
+        params = load_params(project / "params.yaml", [*set_, "loop.enabled=true"], preset)  # fail before Prefect
+        preflight(project, params, [s for s in params.stages() if s not in ("rank",)])
+    except InstructflowError as exc:
+        _fail(exc)
+    from flows.rounds import COLUMNS, _cell, run_rounds
+    from flows.serve import start_temporary_server
+
+    start_temporary_server()
+    try:
+        rows, path = run_rounds(project, n, preset, set_, lambda line: console.print(escape(line), highlight=False))
+    except InstructflowError as exc:
+        _fail(exc)
+    table = Table(title=f"feedback rounds (rank.method {params.rank.method})")
+    for _, title in COLUMNS:
+        table.add_column(title)
+    for row in rows:
+        table.add_row(*(escape(_cell(row, key)) for key, _ in COLUMNS))
+    console.print(table)
+    console.print(f"Table: {path}; MLflow: run `rounds` (metrics per round), a nested run per round")
+
+
 COMPARE_HELP = "\n\n".join((
     "Compare the values of one param side by side: each value runs the pipeline up to evaluate, never register.",
     "Every value is checked first, as `run` checks its --set: a bad value stops everything, naming the key, the "

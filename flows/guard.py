@@ -26,7 +26,7 @@ from pathlib import Path
 
 from instructflow import signals
 from instructflow.errors import InstructflowError
-from instructflow.stages import BY_NAME
+from instructflow.stages import BY_NAME, loop_deps
 
 LOCK_NAME = ".instructflow-run.lock"
 _HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
@@ -148,6 +148,12 @@ def preflight(root: Path, params, stages: Iterable[str]) -> None:
             path = _resolve(read, params)
             if path not in made and not (root / path).exists():
                 problems.append(f"stage {name} reads {path}: not found")
+    for name, deps in loop_deps(root, params).items():
+        for path in deps:
+            if name in stages and path not in made and not (root / path).exists():
+                hint = (f"; write it with `instructflow label {BY_NAME['generate'].output}/samples.jsonl --export "
+                        f"{path}`" if name == "rank" and path == params.rank.labels else "")
+                problems.append(f"stage {name} reads {path}: not found{hint}")
     if "prepare" in stages:
         for source in params.prepare.sources:
             try:

@@ -29,6 +29,9 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
         reward = stage("reward", sft)
         align = stage("align", sft, reward)
         evaluate = stage("evaluate", align, reward)
+        # the feedback loop (loop.enabled; `instructflow rounds` repeats it): K samples of the policy, ranked
+        generate = stage("generate", align)
+        rank = stage("rank", generate)
         self_instruct = stage("self_instruct", sft)  # optional (self_instruct.enabled): new instructions from a model
 
         # encoder track (BERT): masked-LM pretraining -> [CLS] classifier and sentence embeddings (KorSTS);
@@ -39,7 +42,8 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, root
 
         register = stage("register", evaluate, classify, similarity)
 
-        futures = [prepare, tokenizer, pretrain, sft, reward, align, evaluate, self_instruct, mlm, classify, similarity, register]
+        futures = [prepare, tokenizer, pretrain, sft, reward, align, evaluate, self_instruct, generate, rank, mlm, classify,
+                   similarity, register]
         return ctx.collect(futures)
 
 

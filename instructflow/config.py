@@ -382,6 +382,62 @@ class SelfInstructConfig(Section):
                               "every non-ASCII start)")
 
 
+class GenerateConfig(Section):
+    """Stage `generate` of the feedback loop (loop.enabled): K responses per prompt from the current policy, for `rank`.
+
+    InstructGPT (Ouyang et al. 2022, sec. 3.5) had labelers rank K = 4 to 9 responses per prompt, sampled from the
+    models of the time; here the policy this pipeline made (or the SFT model) samples them at temperature 1, so the
+    K differ. Each round (loop.round) takes the next n_prompts prompts of a seeded order: no prompt twice.
+    """
+
+    model: Literal["sft", "align"] = Field("align", description="the stage whose model samples: align (the policy "
+                                           "this pipeline made, the challenger or champion) or sft")
+    prompts: Literal["synthetic", "sft", "preference"] = Field(
+        "synthetic", description="where the prompts come from: the synthetic tasks of sft_train (their exact answer "
+        "is known, so `rank.method: verifier` can rank them), the real SFT prompts, the real preference prompts "
+        "(never the held-out ones evaluate scores)")
+    n_prompts: int = Field(64, ge=1, description="prompts per round")
+    samples: int = Field(4, ge=2, le=16, description="K: responses per prompt (InstructGPT: 4 to 9)")
+    temperature: float = Field(1.0, gt=0, le=2, description="> 0: the K responses must differ to be ranked")
+    top_k: int = Field(0, ge=0, description="0: off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    max_prompt_length: int = Field(192, ge=8, description="longer prompts are left out (counted)")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+
+
+class RankConfig(Section):
+    """Stage `rank`: orders each prompt's K responses, best first (its rows feed the next round's reward model)."""
+
+    method: Literal["verifier", "reward_model", "human"] = Field(
+        "verifier", description="verifier: the synthetic tasks' exact answers (right before wrong), ties broken by "
+        "length (shorter first); reward_model: the scores of rank.reward_model; human: rank.labels, the file "
+        "`instructflow label --export` wrote for this generation")
+    reward_model: str = Field("reward", description="method reward_model: `reward` (this pipeline's reward stage), a "
+                              "Hugging Face folder with a sequence-classification head, or models:/<name>@<alias>")
+    labels: str = Field("labels/labels.jsonl", description="method human: the labels file (its generation hash must "
+                        "match data/generated)")
+    batch_size: int = Field(32, ge=1, description="sequences per reward-model call")
+
+
+class LoopConfig(Section):
+    """The feedback loop (`instructflow rounds`): generate -> rank -> reward -> align, repeated.
+
+    Each round's rankings are added to `feedback_dir` (a DVC-tracked folder) and the reward stage trains on them
+    with the prepared pairs; the `rounds` flow sets `round` and turns the loop on.
+    """
+
+    enabled: bool = Field(False, description="run the stages generate and rank, and train the reward model on "
+                          "feedback_dir too; off: both stages write an empty output")
+    rounds: int = Field(2, ge=1, description="rounds `instructflow rounds` runs by default")
+    round: int = Field(0, ge=0, description="the round in progress (set by the rounds flow): picks the round's "
+                       "prompts and tags its runs and registered versions")
+    feedback_dir: str = Field("data/feedback", description="ranked rows of the earlier rounds, one file a round "
+                              "(round_<r>.jsonl), tracked by DVC (feedback_dir.dvc)")
+    human_timeout_s: int = Field(86400, ge=60, description="rank.method human: how long a round's flow run waits "
+                                 "paused for people before it fails")
+
+
 class ScheduleConfig(Section):
     cron: str = Field("0 2 * * *", description="when `instructflow serve` runs the pipeline (nightly at 02:00)")
     timezone: str = "UTC"
@@ -427,7 +483,18 @@ class Params(Section):
     classify: ClassifyConfig = ClassifyConfig()
     similarity: SimilarityConfig = SimilarityConfig()
     self_instruct: SelfInstructConfig = SelfInstructConfig()
+    generate: GenerateConfig = GenerateConfig()
+    rank: RankConfig = RankConfig()
+    loop: LoopConfig = LoopConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _verifier_needs_answers(self) -> "Params":
+        if self.loop.enabled and self.rank.method == "verifier" and self.generate.prompts != "synthetic":
+            raise ValueError(f"rank.method verifier ranks by the synthetic tasks' exact answers, but generate.prompts "
+                             f"is {self.generate.prompts!r} (prompts without answers); use generate.prompts: synthetic, "
+                             "or rank.method reward_model or human")
+        return self
 
     def chosen(self, stage: str) -> bool:
         """Whether a stage's track is chosen (prepare, tokenizer and register serve every track) and, for an

@@ -78,6 +78,12 @@ STAGES: tuple[Stage, ...] = (
                              "data/prepared"),
           outs=("reports",), track="decoder", gpu=True, params=("reward", "sft.multitask"), preset_params=("reward",),
           key_metrics=("exact_match", "win_rate", "reward_accuracy", "kl_to_reference")),
+    Stage("generate", reads=("artifacts/sft", "artifacts/align", "data/prepared"), outs=("data/generated",),
+          track="decoder", gpu=True, switch="loop.enabled", params=("loop.enabled", "loop.round"),
+          key_metrics=("prompts", "samples_per_prompt", "distinct_share")),
+    Stage("rank", reads=("data/generated",), outs=("data/ranked",), track="decoder", gpu=True,
+          switch="loop.enabled", params=("loop.enabled", "loop.round"),
+          key_metrics=("groups", "pairs", "top_correct")),
     Stage("self_instruct", reads=("artifacts/sft", "${self_instruct.seed_path}"), outs=("data/self_instruct",),
           track="decoder", gpu=True, switch="self_instruct.enabled", key_metrics=("enabled", "kept", "keep_rate")),
     Stage("mlm", reads=("artifacts/tokenizer", "data/prepared"), outs=("artifacts/mlm",),
@@ -91,7 +97,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("register", reads=("artifacts/align", "artifacts/reward", "metrics/evaluate.json", "artifacts/mlm",
                              "artifacts/classify", "metrics/classify.json", "artifacts/similarity",
                              "metrics/similarity.json"),
-          outs=("registry",), params=("tracks",), cache_outs=False, key_metrics=()),
+          outs=("registry",), params=("tracks", "loop.enabled", "loop.round", "loop.feedback_dir"), cache_outs=False,
+          key_metrics=()),
 )
 BY_NAME = {s.name: s for s in STAGES}
 BASE_STAGES = ("tokenizer", "pretrain")
@@ -173,7 +180,8 @@ def _in_presets(root: Path, section: str) -> bool:
     return bool(have)
 
 
-def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None, base: list[str] | None = None) -> dict:
+def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None, base: list[str] | None = None,
+                loop: dict[str, list[str]] | None = None) -> dict:
     params: list = ["preset", "seed"]
     if s.track:
         params.append(f"tracks.{s.track}")
@@ -182,6 +190,7 @@ def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None, b
     if sized:
         params.append({"instructflow/presets.yaml": [f"${{preset}}.{p}" for p in sized]})
     reads = list(s.reads) + (sources or [] if s.name == "prepare" else []) + (base or [] if s.name in BASE_STAGES else [])
+    reads += (loop or {}).get(s.name, [])
     return {
         "cmd": f"python -m tasks.{s.name}",
         "deps": code_deps(f"tasks.{s.name}", root) + reads,
@@ -193,7 +202,8 @@ def stage_entry(s: Stage, root: Path = ROOT, sources: list[str] | None = None, b
     }
 
 
-def dvc_yaml(root: Path = ROOT, sources: list[str] | None = None, base: list[str] | None = None) -> str:
+def dvc_yaml(root: Path = ROOT, sources: list[str] | None = None, base: list[str] | None = None,
+             loop: dict[str, list[str]] | None = None) -> str:
     """dvc.yaml's text: the stages in pipeline order, then the plots read from their output folders.
 
     `sources` are the data files listed in `prepare.sources` (params.yaml): prepare depends on them and on
@@ -202,7 +212,7 @@ def dvc_yaml(root: Path = ROOT, sources: list[str] | None = None, base: list[str
     """
     import yaml
 
-    stages = {s.name: stage_entry(s, root, sources, base) for s in STAGES}
+    stages = {s.name: stage_entry(s, root, sources, base, loop) for s in STAGES}
     plots = [{f"{s.name}_loss": {"x": "step", "y": {f"{s.output}/history.csv": list(s.plots)}}}
              for s in STAGES if s.plots]
     plots.append({"evaluate_rewards": {"template": "scatter", "x": "policy_reward",
@@ -229,13 +239,36 @@ def base_model_deps(base_model: str | None) -> list[str]:
     return [BASE_RESOLUTION if base_model.startswith("models:/") else base_model]
 
 
+def feedback_present(root: Path, feedback_dir: str) -> bool:
+    """Whether the project holds loop feedback (the folder, or its .dvc file before `dvc pull`)."""
+    return (root / feedback_dir).is_dir() or (root / f"{feedback_dir}.dvc").is_file()
+
+
+def loop_deps(root: Path, params) -> dict[str, list[str]]:
+    """DVC deps of the feedback loop that params and the project decide: the reward stage reads loop.feedback_dir
+    once the project holds rounds of feedback (so turning the loop on retrains nothing until a round adds data);
+    `rank` reads its labels file (method human) or its reward model when that is a folder (a registry URI is
+    resolved by the stage and recorded in its rows; `reward` is this pipeline's reward stage)."""
+    deps: dict[str, list[str]] = {}
+    if feedback_present(root, params.loop.feedback_dir):
+        deps["reward"] = [params.loop.feedback_dir]
+    if params.loop.enabled:
+        rank = params.rank
+        if rank.method == "human":
+            deps["rank"] = [rank.labels]
+        elif rank.method == "reward_model":
+            model = rank.reward_model
+            deps["rank"] = ["artifacts/reward"] if model == "reward" else [] if model.startswith("models:/") else [model]
+    return deps
+
+
 def sync_dvc_yaml(root: Path) -> bool:
     """Render dvc.yaml for this project's stage table and params (prepare.sources); True if it changed."""
     from instructflow.config import load_params
     from instructflow.io import atomic_file
 
     params = load_params(root / "params.yaml")
-    text = dvc_yaml(root, source_paths(params), base_model_deps(params.pretrain.base_model))
+    text = dvc_yaml(root, source_paths(params), base_model_deps(params.pretrain.base_model), loop_deps(root, params))
     path = root / "dvc.yaml"
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from models.tokenizer import IGNORE_INDEX
+from models.tokenizer import IGNORE_INDEX, encode_chat
 from models.training import to_device
 
 
@@ -119,3 +119,28 @@ def lm_eval_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
     if count == 0:
         raise ValueError("no held-out tokens to evaluate")
     return total / count
+
+
+def fit_prompt(ids: list[int], limit: int) -> list[int]:
+    """Keep <|bos|> and the last tokens of a prompt so prompt + answer fit the model's positions."""
+    return ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:]
+
+
+class Judge:
+    """Scores (prompt, response) pairs with the reward model, on the reward model's device, laid out as the reward
+    stage trained it (the chat template; a long prompt keeps <|bos|> and its end)."""
+
+    def __init__(self, model, tok, max_length: int, batch_size: int):
+        self.model, self.tok, self.max_length, self.batch_size = model, tok, max_length, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        rows = []
+        for messages, response in zip(prompts, responses):
+            ids, _ = encode_chat(self.tok, [*messages, {"role": "assistant", "content": response}])
+            rows.append(fit_prompt(ids, self.max_length))
+        scores = []
+        for i in range(0, len(rows), self.batch_size):
+            batch = pad_inputs(rows[i:i + self.batch_size], self.tok.pad_token_id)  # (b, T) each
+            scores += reward_scores(self.model, batch).tolist()
+        return scores

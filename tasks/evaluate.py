@@ -30,7 +30,7 @@ from instructflow.config import Params
 from instructflow.io import write_jsonl
 from instructflow.synthetic import KINDS, exact_match
 from models.classification import length_baseline, tfidf_pairwise_baseline
-from models.decoder import collate_lm, collate_pairs, lm_eval_loss, pad_inputs, reward_scores
+from models.decoder import Judge, collate_lm, collate_pairs, fit_prompt, lm_eval_loss, pad_inputs, reward_scores
 from models.generate import generate, generate_batched, sequence_logprobs_of
 from models.stats import Gain, baseline_flags, bootstrap_ci, gain_metrics, gain_table, paired_gain, win_rate
 from models.tokenizer import chat_example, encode_chat, encode_prompt, load_tokenizer, preference_example
@@ -41,30 +41,6 @@ from tasks.runtime import read_prepared, run_stage, stage_output
 from tasks.tracking import StageRun
 
 log = logging.getLogger("instructflow")
-
-
-def fit_prompt(ids: list[int], limit: int) -> list[int]:
-    """Keep <|bos|> and the last tokens of a prompt so prompt + answer fit the model's positions."""
-    return ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:]
-
-
-class Judge:
-    """Scores (prompt, response) pairs with the reward model, on the reward model's device."""
-
-    def __init__(self, model, tok, max_length: int, batch_size: int):
-        self.model, self.tok, self.max_length, self.batch_size = model, tok, max_length, batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        rows = []
-        for messages, response in zip(prompts, responses):
-            ids, _ = encode_chat(self.tok, [*messages, {"role": "assistant", "content": response}])
-            rows.append(fit_prompt(ids, self.max_length))
-        scores = []
-        for i in range(0, len(rows), self.batch_size):
-            batch = pad_inputs(rows[i:i + self.batch_size], self.tok.pad_token_id)  # (b, T) each
-            scores += reward_scores(self.model, batch).tolist()
-        return scores
 
 
 @torch.no_grad()

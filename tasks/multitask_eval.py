@@ -26,7 +26,7 @@ def completer(model, tok, max_new_tokens: int, batch_size: int) -> multitask.Com
 
     A prompt longer than the model's positions allow keeps <|bos|> and its end (evaluate's fit_prompt).
     """
-    from tasks.evaluate import fit_prompt
+    from models.decoder import fit_prompt
 
     limit = model.config.max_position_embeddings - max_new_tokens
 

@@ -88,6 +88,10 @@ def lineage(params: Params, root: Path, made_by: list[str]) -> dict[str, str]:
         tags[f"run.{stage}"] = run_id or "unknown"
     if "align" in made_by:  # which of dpo, kto, ppo, grpo, rloo made the policy: the registry's first question
         tags["align.algorithm"] = params.align.algorithm
+    if params.loop.enabled:  # the feedback loop: the round that made it, and the rounds of feedback behind it
+        tags["loop.round"] = str(max(params.loop.round, 1))
+        feedback = root / params.loop.feedback_dir
+        tags["loop.feedback_rounds"] = str(len(list(feedback.glob("round_*.jsonl"))) if feedback.is_dir() else 0)
     base = root / "artifacts" / "pretrain" / "base_model.json"  # pretrain took pretrain.base_model: name it
     if "pretrain" in made_by and base.is_file():
         record = json.loads(base.read_text())

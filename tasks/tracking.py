@@ -165,6 +165,8 @@ def stage_run(stage: str, params, root: Path) -> Iterator[StageRun]:
     mark_stale_runs(params.experiment)
     tags = {"instructflow.stage": stage, "instructflow.preset": params.preset,
             "instructflow.params_hash": params.digest(), **owner_tags()}
+    if params.loop.enabled:  # the feedback loop's round (instructflow rounds): which round made this run
+        tags["instructflow.round"] = str(max(params.loop.round, 1))
     with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent, nested=parent is not None,
                           tags=tags) as run, ended_as_killed_on_signal():
         section = getattr(params, stage, None)

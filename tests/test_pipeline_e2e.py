@@ -20,6 +20,7 @@ pytestmark = pytest.mark.e2e
 
 DECODER = ["pretrain", "sft", "reward", "align", "evaluate"]
 ENCODER = ["mlm", "classify", "similarity"]
+OPTIONAL = ["self_instruct", "generate", "rank"]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,9 @@ def statuses(results):
 
 def test_every_stage_ran_and_wrote_its_metrics(project):
     root, first, _ = project
-    # self_instruct is an optional stage, off unless self_instruct.enabled: DVC still records it
+    # optional stages are off unless switched on (self_instruct.enabled, loop.enabled): DVC still records them
     assert statuses(first) == {**{s: "ran" for s in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]},
-                               "self_instruct": "off"}
+                               **{s: "off" for s in OPTIONAL}}
     for stage in ["prepare", "tokenizer", *DECODER, *ENCODER, "register"]:
         assert (root / "metrics" / f"{stage}.json").is_file(), stage
         lineage = json.loads((root / "lineage" / f"{stage}.json").read_text())  # outside DVC's outputs
@@ -70,8 +71,8 @@ def test_every_stage_ran_and_wrote_its_metrics(project):
 
 def test_second_run_skips_every_stage(project):
     _, _, second = project
-    assert statuses(second) == {s: "off" if s == "self_instruct" else "skipped" for s in statuses(second)}
-    assert len(statuses(second)) == 12
+    assert statuses(second) == {s: "off" if s in OPTIONAL else "skipped" for s in statuses(second)}
+    assert len(statuses(second)) == 14
 
 
 def test_the_cli_answers_a_no_op_run_from_dvc_without_starting_prefect(project):

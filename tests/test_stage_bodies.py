@@ -430,3 +430,57 @@ def test_a_policy_that_is_the_sft_model_does_not_beat_it(self_evaluation):
     for gid in ("align.win_rate.all.tie", "align.exact_match.all.sft"):
         assert (gains[gid].gain, gains[gid].ci_low, gains[gid].ci_high) == (0.0, 0.0, 0.0), gid
         assert self_evaluation[f"beats.{gid}"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ the feedback loop
+def loop_params(params, **sections):
+    """params with the loop on and the given sections updated ({'generate': {'samples': 3}, ...})."""
+    update = {"loop": params.loop.model_copy(update={"enabled": True, **sections.pop("loop", {})})}
+    for name, values in sections.items():
+        update[name] = getattr(params, name).model_copy(update=values)
+    return params.model_copy(update=update)
+
+
+def test_generate_stage_samples_k_responses_to_each_prompt_of_its_round(project, tmp_path):
+    import tasks.generate
+
+    root = fork(project.root, tmp_path, "data/prepared", "artifacts/sft")
+    params = loop_params(project.params, loop={"round": 1}, generate={"model": "sft", "samples": 3, "n_prompts": 5,
+                                                                        "max_new_tokens": 8})
+    metrics = run_body(tasks.generate, params, root)
+    path = root / "data" / "generated" / "samples.jsonl"
+    first = path.read_bytes()
+    rows = [json.loads(line) for line in first.decode().splitlines()]
+    assert len(rows) == 15 and metrics["rows"] == 15 and metrics["prompts"] == 5
+    assert sorted((r["prompt_index"], r["sample"]) for r in rows) == [(p, s) for p in range(5) for s in range(3)]
+    assert all(r["round"] == 1 and r["source"] == "synthetic" and r["answer"] and r["task"] for r in rows)
+    assert all(r["model_version"].startswith("artifacts/sft@") and r["sampling"]["temperature"] == 1.0 for r in rows)
+    train_prompts = {json.dumps(r["messages"][:-1]) for r in read_prepared(root, "sft_train")}
+    assert {json.dumps(r["prompt"]) for r in rows} <= train_prompts  # never a held-out prompt
+    run_body(tasks.generate, params, root)
+    assert path.read_bytes() == first  # the same inputs write the same bytes (DVC spares rank)
+    round_two = loop_params(params, loop={"round": 2})
+    run_body(tasks.generate, round_two, root)
+    second = {json.dumps(json.loads(line)["prompt"]) for line in path.read_text().splitlines()}
+    assert not second & {json.dumps(r["prompt"]) for r in rows}  # a later round asks other prompts
+
+
+def test_rank_stage_orders_by_the_reward_models_scores(project, reward_run, tmp_path):
+    import tasks.generate
+    import tasks.rank
+
+    root = fork(project.root, tmp_path, "data/prepared", "artifacts/sft", "artifacts/reward")
+    params = loop_params(project.params, loop={"round": 1},
+                         generate={"model": "sft", "samples": 4, "n_prompts": 4, "max_new_tokens": 8},
+                         rank={"method": "reward_model", "reward_model": "reward"})
+    run_body(tasks.generate, params, root)
+    metrics = run_body(tasks.rank, params, root)
+    rows = [json.loads(line) for line in (root / "data" / "ranked" / "ranked.jsonl").read_text().splitlines()]
+    assert rows and metrics["groups"] == len(rows)
+    for row in rows:
+        assert row["ranked_by"].startswith("reward_model:artifacts/reward@")
+        samples = [json.loads(line) for line in (root / "data" / "generated" / "samples.jsonl").read_text().splitlines()
+                   if json.loads(line)["prompt_index"] == row["prompt_index"]]
+        score_of = dict(zip((s["response"] for s in samples), row["scores"]))
+        best_first = [score_of[text] for text in row["responses"]]
+        assert best_first == sorted(best_first, reverse=True)  # highest score first

@@ -1,0 +1,153 @@
+"""The feedback loop: ranking K responses (verifier, scores, people), the rank stage, the rounds flow.
+
+The stages that need a model (generate from the SFT policy, rank by the reward model) are tested on the micro
+project of tests/test_stage_bodies.py; the loop end to end (`instructflow rounds`) on a copied micro project.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FakeRun
+
+import tasks.rank
+from instructflow.config import load_params
+from instructflow.errors import ConfigError, InstructflowError
+from tasks.generate import candidate_prompts, round_slice
+from tasks.rank import mean_positions, pair_count, ranked_row, score_tiers, tiers_by_key, verifier_tiers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ rankers
+def test_verifier_puts_right_answers_first_then_the_shorter():
+    responses = ["7", "The answer is 7", "8", "It is 12", "7"]
+    # right (exact match, not containment): 0 and 4, alike in length -> tied; wrong: 2 (1 char), 3 (8), 1 (15)
+    assert verifier_tiers(responses, "7") == [[0, 4], [2], [3], [1]]
+
+
+def test_verifier_answer_match_is_the_synthetic_exact_match():
+    # instructflow.synthetic.exact_match normalises case, spaces and a final full stop
+    assert verifier_tiers(["bonjour.", "Salut"], "Bonjour")[0] == [0]
+
+
+def test_scores_rank_highest_first_and_equal_scores_tie():
+    assert score_tiers([0.5, 2.0, -1.0, 2.0]) == [[1, 3], [0], [2]]
+
+
+def test_tiers_by_key_groups_equal_keys_in_order():
+    assert tiers_by_key([3, 1, 2, 1]) == [[1, 3], [2], [0]]
+
+
+def test_mean_positions_hand_worked():
+    # annotator A: 0 > 1 > 2 (positions 0, 1, 2); B: 1 > {0, 2} tied (1: 0; 0 and 2 span positions 1..2 -> 1.5)
+    assert mean_positions([[[0], [1], [2]], [[1], [0, 2]]], 3) == [0.75, 0.5, 1.75]
+
+
+@pytest.mark.parametrize("tiers, pairs", [([[0], [1]], 1), ([[0], [1], [2], [3]], 6), ([[0], [1, 2], [3]], 5),
+                                          ([[0, 1, 2]], 0), ([[i] for i in range(9)], 36)])
+def test_pair_count_is_every_two_responses_in_different_tiers(tiers, pairs):
+    assert pair_count(tiers) == pairs
+
+
+def test_ranked_row_merges_duplicates_and_orders_best_first():
+    row = ranked_row("p", ["b", "a", "b", "c"], [[1], [0, 2], [3]], ranked_by="x")
+    assert row["responses"] == ["a", "b", "c"]
+    assert row["tiers"] == [[0], [1], [2]]
+    # a text keeps the best tier any of its copies had
+    row = ranked_row("p", ["b", "a", "b"], [[2], [1], [0]], ranked_by="x")
+    assert row["responses"] == ["b", "a"] and row["tiers"] == [[0], [1]]
+
+
+def test_ranked_row_without_a_pair_is_none():
+    assert ranked_row("p", ["a", "a", "a"], [[0], [1], [2]]) is None  # one distinct text
+    assert ranked_row("p", ["a", "b"], [[0, 1]]) is None  # all tied
+
+
+# ------------------------------------------------------------------------------------------ prompts of a round
+def test_rounds_take_disjoint_prompts_and_say_when_they_run_out():
+    candidates = list(range(10))
+    first, second = round_slice(candidates, 4, 1, 7, "synthetic"), round_slice(candidates, 4, 2, 7, "synthetic")
+    assert len(first) == len(second) == 4 and not set(first) & set(second)
+    assert round_slice(candidates, 4, 0, 7, "synthetic") == first  # round 0 (the loop never ran) counts as 1
+    assert len(round_slice(candidates, 4, 3, 7, "synthetic")) == 2
+    with pytest.raises(InstructflowError, match=r"round 4 needs prompts 13..16 of generate.prompts 'synthetic', "
+                                                r"which has 10"):
+        round_slice(candidates, 4, 4, 7, "synthetic")
+
+
+def test_candidate_prompts_keep_synthetic_answers_apart_from_real_prompts():
+    q = [{"role": "user", "content": "2+2?"}]
+    sft = [{"messages": [*q, {"role": "assistant", "content": "4"}], "source": "synthetic", "answer": "4",
+            "task": "arithmetic"},
+           {"messages": [*q, {"role": "assistant", "content": "4"}], "source": "synthetic", "answer": "4",
+            "task": "arithmetic"},  # the same prompt twice: kept once
+           {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "source": "dolly"}]
+    assert candidate_prompts("synthetic", sft, []) == [{"messages": q, "task": "arithmetic", "answer": "4"}]
+    assert [c["messages"][0]["content"] for c in candidate_prompts("sft", sft, [])] == ["hi"]
+
+
+def test_verifier_needs_prompts_with_answers():
+    with pytest.raises(ConfigError, match="rank.method verifier ranks by the synthetic tasks' exact answers, but "
+                                          "generate.prompts is 'sft'"):
+        load_params(ROOT / "params.yaml", ["loop.enabled=true", "generate.prompts=sft"])
+    load_params(ROOT / "params.yaml", ["loop.enabled=true", "generate.prompts=sft", "rank.method=reward_model"])
+
+
+# ------------------------------------------------------------------------------------------ the rank stage
+def write_samples(root: Path, groups: list[tuple[str, list[str], str | None]]) -> Path:
+    """A generate output: K rows per prompt, as tasks/generate.py writes them."""
+    path = root / "data" / "generated" / "samples.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for p, (prompt, responses, answer) in enumerate(groups):
+            for s, response in enumerate(responses):
+                row = {"prompt_index": p, "prompt": [{"role": "user", "content": prompt}], "sample": s,
+                       "response": response, "finish_reason": "eos", "new_tokens": len(response), "seed": s,
+                       "model_version": "artifacts/align@test", "sampling": {}, "round": 2, "source": "synthetic",
+                       **({"answer": answer, "task": "arithmetic"} if answer is not None else {})}
+                fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def loop_params(*overrides: str):
+    return load_params(ROOT / "params.yaml", ["loop.enabled=true", "loop.round=2", *overrides])
+
+
+def test_rank_stage_verifier_writes_ranked_rows(tmp_path):
+    write_samples(tmp_path, [("1+1?", ["2", "3", "two is it", "2"], "2"),  # right first, duplicates merged
+                             ("2+2?", ["5", "5", "5", "5"], "4"),  # one distinct text: no pair, left out
+                             ("3+3?", ["7", "6", "66", "6"], "6")])
+    metrics = tasks.rank.body(loop_params(), tmp_path, FakeRun())
+    rows = [json.loads(line) for line in (tmp_path / "data" / "ranked" / "ranked.jsonl").read_text().splitlines()]
+    assert [r["prompt_index"] for r in rows] == [0, 2]
+    assert rows[0]["responses"] == ["2", "3", "two is it"] and rows[0]["tiers"] == [[0], [1], [2]]
+    assert rows[1]["responses"] == ["6", "7", "66"]
+    assert rows[0]["ranked_by"] == "verifier" and rows[0]["round"] == 2 and rows[0]["answer"] == "2"
+    assert len(rows[0]["generation"]) == 64
+    assert metrics == {"groups": 2, "pairs": 6, "prompts": 3, "left_out_no_pair": 1, "left_out_unlabelled": 0,
+                       "mean_responses": 3.0, "top_correct": pytest.approx(2 / 3)}
+
+
+def test_rank_stage_verifier_refuses_prompts_without_answers(tmp_path):
+    write_samples(tmp_path, [("hi", ["a", "b"], None)])
+    with pytest.raises(InstructflowError, match="prompt_index 0 has no 'answer'; rank.method verifier needs "
+                                                "generate.prompts: synthetic"):
+        tasks.rank.body(loop_params(), tmp_path, FakeRun())
+    assert not (tmp_path / "data" / "ranked").exists()
+
+
+def test_rank_stage_with_nothing_to_order_writes_nothing(tmp_path):
+    write_samples(tmp_path, [("2+2?", ["5", "5"], "4")])
+    with pytest.raises(InstructflowError, match="no prompt of .* has two responses to order"):
+        tasks.rank.body(loop_params(), tmp_path, FakeRun())
+    assert not (tmp_path / "data" / "ranked").exists()
+
+
+def test_rank_stage_reward_model_must_exist(tmp_path):
+    write_samples(tmp_path, [("1+1?", ["2", "3"], "2")])
+    with pytest.raises(ConfigError, match="rank.reward_model = /nowhere: no model in /nowhere"):
+        tasks.rank.body(loop_params("rank.method=reward_model", "rank.reward_model=/nowhere"), tmp_path, FakeRun())
