@@ -506,14 +506,15 @@ def label(
                                                              "(default label.min_rankings)")] = None,
     ties: Annotated[Optional[bool], typer.Option("--ties/--no-ties", help="allow tied responses (default "
                                                                           "label.allow_ties)")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="the SQLite store (default label.db, else FILE.labels.sqlite)")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="the SQLite store (default label.db, else "
+                                                    "FILE.labels.sqlite)")] = None,
     root: Root = None,
 ) -> None:
     """LABEL_HELP: the ranking page (apps/label.py)."""
     project = _root(root)
-    from apps.label import LabelSettings, LabelStore, serve as serve_page
+    from apps.label import LabelSettings, export_labels, serve as serve_page
     from instructflow.config import LabelConfig
-    from instructflow.feedback import read_generation, write_labels
+    from instructflow.feedback import read_generation
 
     try:
         config = load_params(project / "params.yaml").label if (project / "params.yaml").is_file() else LabelConfig()
@@ -522,11 +523,7 @@ def label(
         generation = read_generation(file)
         store_path = settings.db_path(generation.path)
         if export is not None:
-            if not store_path.is_file():
-                raise InstructflowError(f"{store_path}: no label store (nobody has ranked {file} yet; --db names "
-                                        "another store)")
-            labels = LabelStore(store_path, generation, settings.min_rankings, settings.lease_seconds).labels()
-            write_labels(export, labels)
+            labels = export_labels(store_path, generation, export)
             console.print(f"wrote {len(labels)} rankings of {len({x.prompt_index for x in labels})} of "
                           f"{len(generation)} prompts to {export} (generation {generation.hash[:12]})",
                           highlight=False)

@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instructflow.errors import ConfigError, DataError, InstructflowError
-from instructflow.feedback import Generation, Label, check_ranking, kendall_tau
+from instructflow.feedback import Generation, Label, check_ranking, kendall_tau, write_labels
 
 STATIC = Path(__file__).with_name("label_static")
 TOKEN_ENV = "INSTRUCTFLOW_LABEL_TOKEN"
@@ -166,6 +166,34 @@ def progress(db_path: str | Path) -> tuple[int, int]:
         conn.close()
 
 
+def _labels(conn: sqlite3.Connection, generation_hash: str) -> list[Label]:
+    rows = conn.execute("SELECT annotator, prompt_index, ranking, unacceptable, time FROM rankings "
+                        "ORDER BY prompt_index, annotator").fetchall()
+    return [Label(generation_hash, p, a, tuple(tuple(t) for t in json.loads(r)), tuple(json.loads(u)), t)
+            for a, p, r, u, t in rows]
+
+
+def export_labels(db_path: str | Path, generation: Generation, out: str | Path) -> list[Label]:
+    """Write a store's rankings as the labels file (feedback.write_labels), reading the store only: a store made
+    from another generation is refused; a server may be running on it."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise DataError(path, f"no label store here (nobody has ranked {generation.path} yet; --db names another)")
+    conn = _connect(path, readonly=True)
+    try:
+        made_from = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        if made_from is None or made_from[0] != generation.hash:
+            raise DataError(path, f"was made from generation {made_from[0] if made_from else '(none)'}, not "
+                                  f"{generation.hash} ({generation.path})")
+        labels = _labels(conn, generation.hash)
+    except sqlite3.DatabaseError as exc:
+        raise DataError(path, f"not a label store ({exc})") from None
+    finally:
+        conn.close()
+    write_labels(out, labels)
+    return labels
+
+
 class LabelStore:
     """The rankings of one generation in SQLite; every method opens its own connection (thread-safe)."""
 
@@ -257,7 +285,8 @@ class LabelStore:
             conn.execute("DELETE FROM leases WHERE expires <= ?", (now,))
             row = conn.execute(
                 "SELECT p.prompt_index FROM prompts p "
-                "WHERE NOT EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_index = p.prompt_index AND r.annotator = :a) "
+                "WHERE NOT EXISTS (SELECT 1 FROM rankings r WHERE r.prompt_index = p.prompt_index "
+                "  AND r.annotator = :a) "
                 "AND (SELECT COUNT(*) FROM rankings r WHERE r.prompt_index = p.prompt_index) "
                 "  + (SELECT COUNT(*) FROM leases l WHERE l.prompt_index = p.prompt_index AND l.annotator <> :a) < :m "
                 "ORDER BY EXISTS (SELECT 1 FROM leases l WHERE l.annotator = :a AND l.prompt_index = p.prompt_index) "
@@ -278,10 +307,7 @@ class LabelStore:
     def labels(self) -> list[Label]:
         """Every ranking, by prompt_index then annotator."""
         with self._read() as conn:
-            rows = conn.execute("SELECT annotator, prompt_index, ranking, unacceptable, time FROM rankings "
-                                "ORDER BY prompt_index, annotator").fetchall()
-        return [Label(self.generation.hash, p, a, tuple(tuple(t) for t in json.loads(r)), tuple(json.loads(u)), t)
-                for a, p, r, u, t in rows]
+            return _labels(conn, self.generation.hash)
 
     def progress_of(self, annotator: str | None = None) -> dict:
         with self._read() as conn:

@@ -25,7 +25,8 @@ from instructflow.config import LabelConfig, load_params
 from instructflow.errors import ConfigError, DataError
 from instructflow.feedback import Label, read_generation, read_labels
 
-SYSTEM_PACKAGES = "run `sh infra/system-packages.sh` (or `make test`, which runs it) to install Chromium and chromedriver"
+SYSTEM_PACKAGES = ("run `sh infra/system-packages.sh` (or `make test`, which runs it) to install Chromium and "
+                   "chromedriver")
 
 
 def write_generation(path: Path, n_prompts: int = 3, k: int = 3) -> Path:
@@ -248,30 +249,40 @@ def test_every_request_carries_the_token(gen, tmp_path):
 # ------------------------------------------------------------------------------------------ the CLI
 
 
+def flat(output: str) -> str:
+    """The CLI's output without whitespace: rich wraps it at the terminal's width (80 columns under a test)."""
+    return "".join(output.split())
+
+
 def test_cli_refuses_an_exposed_host_and_exports_labels(gen, tmp_path, monkeypatch):
     from apps.cli import app
 
     monkeypatch.delenv("INSTRUCTFLOW_LABEL_TOKEN", raising=False)
     runner = CliRunner()
     refused = runner.invoke(app, ["label", str(gen.path), "--host", "0.0.0.0"])
-    assert refused.exit_code == 2 and "give a token (--token or INSTRUCTFLOW_LABEL_TOKEN)" in refused.output
+    assert refused.exit_code == 2 and "giveatoken(--tokenorINSTRUCTFLOW_LABEL_TOKEN)" in flat(refused.output)
     assert "Traceback" not in refused.output
     out = tmp_path / "labels.jsonl"
     nothing = runner.invoke(app, ["label", str(gen.path), "--export", str(out)])
-    assert nothing.exit_code == 2 and "no label store" in nothing.output
-    store = LabelStore(Path(f"{gen.path}.labels.sqlite"), gen)  # the default store, next to the file
+    assert nothing.exit_code == 2 and "nolabelstorehere" in flat(nothing.output)
+    store = LabelStore(Path(f"{gen.path}.labels.sqlite"), gen, min_rankings=2)  # the default store, by the file
     store.submit("ana", 1, [2, 0, 1], [0])
     store.submit("bo", 1, [0, 2, 1])
     done = runner.invoke(app, ["label", str(gen.path), "--export", str(out)])
     assert done.exit_code == 0, done.output
     assert "wrote 2 rankings of 1 of 3 prompts" in done.output
+    with sqlite3.connect(store.path) as conn:  # export only reads: a server's settings in the store stay
+        assert conn.execute("SELECT value FROM meta WHERE key = 'min_rankings'").fetchone() == ("2",)
+    other = write_generation(tmp_path / "other.jsonl", n_prompts=2)
+    refused = runner.invoke(app, ["label", str(other), "--db", str(store.path), "--export", str(out)])
+    assert refused.exit_code == 2 and f"wasmadefromgeneration{gen.hash},not" in flat(refused.output)
     back = read_labels(out, gen)
     assert list(back) == [1]
     assert [(x.annotator, x.ranking, x.unacceptable) for x in back[1]] == [
         ("ana", ((2,), (0,), (1,)), (0,)), ("bo", ((0,), (2,), (1,)), ())]
     assert all(isinstance(x, Label) and x.generation == gen.hash and x.time.endswith("+00:00") for x in back[1])
     bad = runner.invoke(app, ["label", str(gen.path), "--min-rankings", "0"])
-    assert bad.exit_code == 2 and "label.min_rankings = 0" in bad.output
+    assert bad.exit_code == 2 and "label.min_rankings=0" in flat(bad.output)
 
 
 # ------------------------------------------------------------------------------------------ the page, in Chromium
