@@ -1,5 +1,6 @@
 # The two commands: `make run` (the whole pipeline) and `make test` (the test suite).
-# Both create .venv from the pinned requirements when it is missing or out of date.
+# Both create .venv from the pinned requirements when it is missing or out of date; `make test` first installs
+# the system packages its browser tests need (infra/system-packages.sh: Chromium and chromedriver, when missing).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,7 +21,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: run test bench mlflow-ui prefect-ui serve venv clean env
+.PHONY: run test bench mlflow-ui prefect-ui serve venv system-packages clean env
 
 venv: $(STAMP)
 
@@ -36,7 +37,12 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/instructflow run $(ARGS)
 
-test: $(STAMP)
+# Chromium and chromedriver from Debian's packages for tests/test_label.py (installs only what is missing; sudo when
+# not root)
+system-packages:
+	sh infra/system-packages.sh
+
+test: system-packages $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)

@@ -535,5 +535,66 @@ def generate(
                                highlight=False)
 
 
+LABEL_HELP = "\n\n".join((
+    "Rank the K responses a model wrote to each prompt on a local web page (InstructGPT's labelling step). FILE is "
+    "what `instructflow generate --n K --out FILE` writes.",
+    "Each ranking is saved in SQLite the moment it is submitted (default FILE.labels.sqlite; --db), so a reload or "
+    "a killed server loses nothing; people working at once are each served prompts that are not yet complete "
+    "(--min-rankings) and that they have not ranked. /stats shows the agreement between people (Kendall's tau).",
+    "--export OUT writes the labels file (JSON lines: generation, prompt_index, annotator, ranking, unacceptable, "
+    "time) and exits. Defaults come from params.yaml's label: section. Binding anything but 127.0.0.1 needs a token "
+    "(--token or INSTRUCTFLOW_LABEL_TOKEN) that every request must carry.",
+))
+
+
+@app.command(help=LABEL_HELP)
+def label(
+    file: Annotated[Path, typer.Argument(help="the JSON lines of `instructflow generate --n K` (K >= 2)")],
+    export: Annotated[Optional[Path], typer.Option(help="write the labels file here and exit")] = None,
+    host: Annotated[Optional[str], typer.Option(help="address to bind (default label.host: 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default label.port; 0: any free port)")] = None,
+    token: Annotated[Optional[str], typer.Option(help="every request must carry it (default: "
+                                                      "$INSTRUCTFLOW_LABEL_TOKEN); needed off loopback")] = None,
+    min_rankings: Annotated[Optional[int], typer.Option(help="rankings by different people per prompt "
+                                                             "(default label.min_rankings)")] = None,
+    ties: Annotated[Optional[bool], typer.Option("--ties/--no-ties", help="allow tied responses (default "
+                                                                          "label.allow_ties)")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="the SQLite store (default label.db, else "
+                                                    "FILE.labels.sqlite)")] = None,
+    root: Root = None,
+) -> None:
+    """LABEL_HELP: the ranking page (apps/label.py)."""
+    project = _root(root)
+    from apps.label import LabelSettings, export_labels, serve as serve_page
+    from instructflow.config import LabelConfig
+    from instructflow.feedback import read_generation
+
+    try:
+        config = load_params(project / "params.yaml").label if (project / "params.yaml").is_file() else LabelConfig()
+        settings = LabelSettings.resolve(config, host=host, port=port, token=token, min_rankings=min_rankings,
+                                         allow_ties=ties, db=db)
+        generation = read_generation(file)
+        store_path = settings.db_path(generation.path)
+        if export is not None:
+            labels = export_labels(store_path, generation, export)
+            console.print(f"wrote {len(labels)} rankings of {len({x.prompt_index for x in labels})} of "
+                          f"{len(generation)} prompts to {export} (generation {generation.hash[:12]})",
+                          highlight=False)
+            return
+        console.print(f"{len(generation)} prompts from {escape(str(file))}; rankings kept in "
+                      f"{escape(str(store_path))}", highlight=False, soft_wrap=True)
+
+        def announce(url: str) -> None:
+            console.print(f"ranking page: {escape(url)}  (agreement: {escape(url.split('?')[0])}stats; Ctrl-C "
+                          "stops)", highlight=False, soft_wrap=True)
+            sys.stdout.flush()  # a script waiting for the URL on a pipe
+
+        serve_page(generation, settings, announce=announce)
+    except InstructflowError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("stopped; every submitted ranking is kept")
+
+
 if __name__ == "__main__":
     app()

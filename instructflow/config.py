@@ -438,6 +438,24 @@ class LoopConfig(Section):
                                  "paused for people before it fails")
 
 
+class LabelConfig(Section):
+    """`instructflow label FILE`: the local page where people rank a prompt's K sampled responses (apps/label.py).
+
+    Read as defaults; the command's flags override them. The access token is never kept here (a versioned file):
+    give it with --token or INSTRUCTFLOW_LABEL_TOKEN.
+    """
+
+    min_rankings: int = Field(1, ge=1, description="rankings (by different people) a prompt needs to be complete; "
+                              "a person is served only incomplete prompts they have not ranked")
+    allow_ties: bool = Field(False, description="let a person put responses in one tier (equally good)")
+    host: str = Field("127.0.0.1", min_length=1, description="address to bind; anything but loopback needs a token")
+    port: int = Field(8765, ge=0, le=65535, description="port to bind (0: any free port)")
+    db: str | None = Field(None, description="the SQLite store of the rankings (null: FILE + '.labels.sqlite', next "
+                           "to the generation file)")
+    lease_seconds: int = Field(600, ge=10, description="a prompt served to one person is held from the others this "
+                               "long (or until they submit), so two people do not rank the same prompt by accident")
+
+
 class ScheduleConfig(Section):
     cron: str = Field("0 2 * * *", description="when `instructflow serve` runs the pipeline (nightly at 02:00)")
     timezone: str = "UTC"
@@ -486,6 +504,9 @@ class Params(Section):
     generate: GenerateConfig = GenerateConfig()
     rank: RankConfig = RankConfig()
     loop: LoopConfig = LoopConfig()
+
+
+    label: LabelConfig = LabelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")

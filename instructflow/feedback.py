@@ -281,7 +281,8 @@ def read_labels(path: str | Path, generation: Generation) -> dict[int, list[Labe
         except ValueError:
             time = None
         if not isinstance(time, str):
-            raise at.error("time", f"expected an ISO-8601 time such as 2026-12-05T12:00:00+00:00, got {row.get('time')!r}")
+            raise at.error("time", "expected an ISO-8601 time such as 2026-12-05T12:00:00+00:00, got "
+                                   f"{row.get('time')!r}")
         key = (annotator, index)
         if key in seen:
             raise at.error("annotator", f"{annotator!r} ranked prompt_index {index} already on line {seen[key]}; "
