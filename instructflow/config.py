@@ -180,6 +180,11 @@ class SFTConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     max_length: int = Field(256, ge=16)
     lr: float = Field(3e-4, gt=0, le=1)
+    kwise: bool = Field(
+        True, description="InstructGPT's K-wise loss (Ouyang et al. 2022, sec. 3.5): the pairs of one ranked list "
+        "(prepare's `group`) are one batch element, the loss the mean over elements of the mean over their pairs, "
+        "each response scored once; batch_size counts elements. false: every pair on its own, shuffled apart. "
+        "Pair-only data (one pair a group) trains the same either way")
 
 
 class KTOConfig(Section):
