@@ -23,7 +23,7 @@ from instructflow.data import ranked_records
 from instructflow.errors import InstructflowError
 from models.decoder import collate_groups, collate_pairs, reward_scores
 from models.losses import bradley_terry_loss, kwise_loss
-from models.tokenizer import chat_example, load_tokenizer, preference_example
+from models.tokenizer import load_tokenizer, preference_example, response_example
 from models.training import LoopSettings, train
 from tasks.runtime import final_metrics, read_prepared, resumable, run_stage, stage_output
 from tasks.tracking import StageRun
@@ -97,8 +97,8 @@ def group_set(tok, groups: list[RankedGroup], max_length: int, name: str, counts
     examples: list[dict | None] = []
     for group in groups:
         cut = [Counter() for _ in group.responses]
-        responses = [chat_example(tok, [*group.prompt, {"role": "assistant", "content": response}], max_length,
-                                  train_on="last_assistant", counts=c) for response, c in zip(group.responses, cut)]
+        responses = [response_example(tok, group.prompt, response, max_length, counts=c)
+                     for response, c in zip(group.responses, cut)]
         if any(r is None for r in responses):
             counts["dropped"] += len(group.pairs)
             examples.append(None)

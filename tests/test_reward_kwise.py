@@ -176,6 +176,22 @@ def test_a_kwise_train_step_changes_the_weights(tok):
     assert "score.weight" in changed and "model.embed_tokens.weight" in changed
 
 
+def test_a_kwise_run_resumes_from_its_checkpoint_to_the_same_weights(tok, tmp_path):
+    elements = group_set(tok, preference_groups(ROWS), 64, "test")
+    collate = partial(collate_groups, pad_id=tok.pad_token_id)
+    settings = LoopSettings(batch_size=2, max_steps=4, lr=1e-2, bf16=False, save_steps=2, logging_steps=1)
+    resume = dict(checkpoint_dir=tmp_path, resume_key="k", lengths=tasks.reward.group_lengths(elements))
+    whole = reward_model(tok)
+    full = train(whole, elements, collate, kwise_step, settings, **resume)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-2"]  # what a run stopped after step 2 leaves
+    resumed = reward_model(tok, seed=1)  # other weights: all it has comes from the checkpoint
+    history = train(resumed, elements, collate, kwise_step, settings, **resume)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]  # 1 and 2 carried over from the checkpoint
+    assert history[-1]["loss"] == pytest.approx(full[-1]["loss"], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.state_dict().values(),
+                                                                 resumed.state_dict().values()))
+
+
 # ---- the stage, both ways ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sft_project(tmp_path_factory, tok):
