@@ -849,8 +849,8 @@ def group_key(record: dict) -> str:
 
 
 def unit_key(record: dict) -> str:
-    """What a cap or a split takes or leaves whole at the least: a ranked list's pairs (their `group`), else the
-    record itself."""
+    """What a split keeps whole when it cannot go by prompt: a ranked list's pairs (their `group`), else the record
+    itself (sample_balanced keeps a list whole the same way)."""
     return record.get("group") or record_key(record)
 
 
