@@ -10,7 +10,9 @@ and the field, so a user can fix it before any training starts.
 Canonical records (one JSON object per line in the prepared files):
     pretrain    {"text", "source"}
     sft         {"messages": [{"role", "content"}, ...ending with assistant], "source", "task", "answer"}
-    preference  {"prompt": [messages ending with user], "chosen", "rejected", "source"}
+    preference  {"prompt": [messages ending with user], "chosen", "rejected", "source"[, "group"]}
+                (a pair from a ranked list carries its list's id in `group`, "<file>:<line>": the reward stage
+                keeps a ranking's pairs together, InstructGPT's K-wise loss)
     unpaired    {"prompt": [messages ending with user], "completion", "label": bool, "source"}
     prompts     {"messages": [messages ending with user], "reference", "source"}   (eval-time prompts)
     tasks       {"id", "fields", "tasks": [{"name", "instruction", "input", "answer"}, ...], "source"}
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from instructflow.errors import ConfigError, DataError
+from instructflow.ranking import RankingError, check_tiers, ranking_pairs, strict_tiers
 
 log = logging.getLogger("instructflow")
 
@@ -71,6 +74,7 @@ RECORD_FIELDS = {
     "prompts": ("messages", "reference", "source"),
     "tasks": ("id", "fields", "tasks", "source"),
 }
+OPTIONAL_FIELDS = {"preference": ("group",)}  # written after the others, only where a record has them
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 Messages = list[dict[str, str]]
@@ -524,16 +528,9 @@ def _preference(at: _At, row: dict, schema: str) -> list[tuple[Messages, str, st
         prompt, chosen, rejected = _prompt(at, row), _response(at, row, "chosen"), _response(at, row, "rejected")
         _different(at, chosen, rejected)
         return [(prompt, chosen, rejected)]
-    if schema == "ranked":  # InstructGPT: K ranked responses, best first, make K(K-1)/2 pairs
-        prompt = _prompt(at, row)
-        value = _need(at, row, "responses", "a list of at least 2 responses, best first")
-        if not isinstance(value, list) or len(value) < 2:
-            got = f"{len(value)} response(s)" if isinstance(value, list) else _type(value)
-            raise at.error("responses", f"expected a list of at least 2 responses (best first), got {got}")
-        responses = [_string(at, r, f"responses[{i}]") for i, r in enumerate(value)]
-        for (i, better), (j, worse) in itertools.combinations(enumerate(responses), 2):
-            _different(at, better, worse, f"responses[{j}]", f"responses[{i}]")
-        return [(prompt, better, worse) for better, worse in itertools.combinations(responses, 2)]
+    if schema == "ranked":  # InstructGPT: K ranked responses make K(K-1)/2 pairs (fewer where tiers tie)
+        prompt, responses, tiers = _ranked(at, row)
+        return [(prompt, responses[pair.better], responses[pair.worse]) for pair in ranking_pairs(tiers)]
     if schema == "implicit_prompt":  # the prompt is the conversation both share before the final answer
         both = {}
         for key in ("chosen", "rejected"):
@@ -555,6 +552,55 @@ def _preference(at: _At, row: dict, schema: str) -> list[tuple[Messages, str, st
         _different(at, chosen, rejected)
         return [(prompt, chosen, rejected)]
     raise AssertionError(schema)
+
+
+def _ranked(at: _At, row: dict) -> tuple[Messages, list[str], list[list[int]]]:
+    """A ranked row's prompt, its K >= 2 distinct responses and their ranking as tiers (instructflow.ranking):
+    the row's `tiers` (indices into `responses`, best first, ties within a tier) when it has them, else the
+    responses' own order, best first."""
+    prompt = _prompt(at, row)
+    value = _need(at, row, "responses", "a list of at least 2 responses, best first")
+    if not isinstance(value, list) or len(value) < 2:
+        got = f"{len(value)} response(s)" if isinstance(value, list) else _type(value)
+        raise at.error("responses", f"expected a list of at least 2 responses (best first), got {got}")
+    responses = [_string(at, r, f"responses[{i}]") for i, r in enumerate(value)]
+    for (i, better), (j, worse) in itertools.combinations(enumerate(responses), 2):
+        _different(at, better, worse, f"responses[{j}]", f"responses[{i}]")
+    if row.get("tiers") is None:
+        return prompt, responses, strict_tiers(len(responses))
+    try:
+        return prompt, responses, check_tiers(row["tiers"], len(responses))
+    except RankingError as e:
+        raise at.error("tiers" + e.field, str(e)) from None
+
+
+def ranked_group_id(at: _At, label: str) -> str:
+    """The stable id of a ranked row's pairs, "<source>:<line>" (a folder source's file and a JSON array's
+    element added): the `group` its pairs carry through prepare's files into the reward stage."""
+    name = label if at.path.name == label else f"{label}/{at.path.name}"
+    return f"{name}:{at.line}" + (f"[{at.element}]" if at.element is not None else "")
+
+
+def ranked_records(rows: Iterable[dict] | Iterable[tuple[int, dict]], source: str | Path) -> list[dict]:
+    """Canonical preference records, each with its `group`, of ranked rows held in memory: what prepare makes of
+    a ranked file, for rows that come from elsewhere (user feedback).
+
+    A row is {"prompt": a string or messages ending with a user turn, "responses": [K >= 2 distinct strings],
+    "tiers": optional [[indices], ...]}: without tiers the responses are best first; with them, tiers list the
+    response indices best first and responses in one tier tie (no pair). Rows are numbered from 1, or given as
+    (line, row) as instructflow.data.iter_jsonl yields them; a bad row raises a DataError naming `source`, the
+    line and the field. Each record's `source` is the file name of `source`, its group "<name>:<line>".
+    """
+    path = Path(source)
+    records: list[dict] = []
+    for number, item in enumerate(rows, 1):
+        line, row = item if isinstance(item, tuple) else (number, item)
+        at = _At(path, line)
+        if not isinstance(row, dict):
+            raise at.error(None, f"expected a ranked row (an object with prompt and responses), got {_type(row)}")
+        group = ranked_group_id(at, path.name)
+        records += [{**r, "source": path.name, "group": group} for r in convert(at, row, "ranked", "preference")]
+    return records
 
 
 def detect_schema(keys: Iterable[str], role: str) -> str | None:
@@ -738,7 +784,10 @@ def load_source(source: Source) -> Loaded:
                 records.append(task_record(at, row, source))
             else:
                 schema = schema or _row_schema(at, raw, row, source)
-                records += convert(at, row, schema, source.role)
+                converted = convert(at, row, schema, source.role)
+                if schema == "ranked":  # a ranked list's pairs stay one group (tasks/reward.py, reward.kwise)
+                    converted = [{**r, "group": ranked_group_id(at, label)} for r in converted]
+                records += converted
         except DataError as e:
             error = _in_file_terms(e, source.columns)
             if not source.skip_invalid:
@@ -751,8 +800,10 @@ def load_source(source: Source) -> Loaded:
     if source.role == "pretrain" and source.group_rows > 1:
         texts = [r["text"] for r in records]
         records = [{"text": "\n".join(texts[i:i + source.group_rows])} for i in range(0, len(texts), source.group_rows)]
-    fields = RECORD_FIELDS[source.role]
-    return Loaded(source, [{k: {**r, "source": label}[k] for k in fields} for r in records], count, skipped)
+    fields, optional = RECORD_FIELDS[source.role], OPTIONAL_FIELDS.get(source.role, ())
+    canonical = [{**{k: {**r, "source": label}[k] for k in fields}, **{k: r[k] for k in optional if k in r}}
+                 for r in records]
+    return Loaded(source, canonical, count, skipped)
 
 
 # ---------------------------------------------------------------------------- dedup, caps and splits
@@ -768,8 +819,9 @@ def normalise_whitespace(value: Any) -> Any:
 
 
 def record_key(record: dict) -> str:
-    """The record, whitespace-normalised and without its source: equal keys are duplicates."""
-    body = {k: v for k, v in record.items() if k != "source"}
+    """The record, whitespace-normalised and without its source or group: equal keys are duplicates (a pair two
+    ranked lists share is one comparison, kept in the first list's group)."""
+    body = {k: v for k, v in record.items() if k not in ("source", "group")}
     return json.dumps(normalise_whitespace(body), ensure_ascii=False, sort_keys=True)
 
 
@@ -796,6 +848,12 @@ def group_key(record: dict) -> str:
     return json.dumps(normalise_whitespace(value), ensure_ascii=False)
 
 
+def unit_key(record: dict) -> str:
+    """What a split keeps whole when it cannot go by prompt: a ranked list's pairs (their `group`), else the record
+    itself (sample_balanced keeps a list whole the same way)."""
+    return record.get("group") or record_key(record)
+
+
 def _unit(seed: int, key: str) -> float:
     """A uniform number in [0, 1) from the seed and key: stable across runs, machines and Python versions."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
@@ -807,10 +865,11 @@ def split(records: list[dict], eval_fraction: float, seed: int,
     """(train, eval): each group goes to eval when its hash falls below eval_fraction.
 
     Hash-based, so a record keeps its side when others are added. With at least two groups, both
-    sides get at least one; a single group (one prompt) is split by record instead.
+    sides get at least one; a single group (one prompt) is split by record instead, a ranked list's pairs
+    still kept together (unit_key).
     """
     if len({key(r) for r in records}) < 2:
-        key = record_key
+        key = unit_key
     units = [_unit(seed, key(r)) for r in records]
     groups = sorted(set(units))
     held_out = {u for u in groups if u < eval_fraction}
@@ -834,22 +893,34 @@ def sample_balanced(records: list[dict], budget: int, seed: int,
 
     The source with the least taken so far gives its next (shuffled) record, so a large source cannot
     crowd out a small one (English Shakespeare and the Korean sets all stay represented); a record too
-    large for what is left is passed over. Returns the kept records in their original order.
+    large for what is left is passed over. The pairs of one ranked list (the same `group`) are one unit, taken
+    or passed over together, so a cap never leaves part of a ranking. Returns the kept records in their
+    original order.
     """
-    by_source: dict[str, list[int]] = {}
+    by_source: dict[str, list[list[int]]] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
     for i, record in enumerate(records):
-        by_source.setdefault(record["source"], []).append(i)
-    queues = {name: random.Random(f"{seed}:{name}").sample(idx, len(idx)) for name, idx in by_source.items()}
+        group = record.get("group")
+        if group is None:
+            by_source.setdefault(record["source"], []).append([i])
+        elif (record["source"], group) in groups:
+            groups[record["source"], group].append(i)
+        else:
+            groups[record["source"], group] = [i]
+            by_source.setdefault(record["source"], []).append(groups[record["source"], group])
+    # (a sample's order depends on the length alone: records without a group are drawn as they always were)
+    queues = {name: random.Random(f"{seed}:{name}").sample(units, len(units)) for name, units in by_source.items()}
     taken = {name: 0 for name in queues}
     kept: list[int] = []
     total = 0
     while queues:
         name = min(queues, key=lambda n: (taken[n], n))
-        i = queues[name].pop()
-        if total + cost(records[i]) <= budget:
-            kept.append(i)
-            taken[name] += cost(records[i])
-            total += cost(records[i])
+        unit = queues[name].pop()
+        unit_cost = sum(cost(records[i]) for i in unit)
+        if total + unit_cost <= budget:
+            kept += unit
+            taken[name] += unit_cost
+            total += unit_cost
         if not queues[name]:
             del queues[name]
     return [records[i] for i in sorted(kept)]

@@ -83,6 +83,20 @@ def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {**batch, **extra}
 
 
+def collate_groups(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of {responses: [{input_ids, labels}, ...], pairs: [(better, worse), ...]} (one ranked list each) -> one
+    batch of every row's responses, each once (N rows), with pairs (P, 2) indexing that batch and group_of_pair (P,)
+    numbering each pair's row 0..B-1: what models.losses.kwise_loss takes."""
+    flat, pairs, group_of_pair = [], [], []
+    for g, row in enumerate(rows):
+        pairs += [(len(flat) + better, len(flat) + worse) for better, worse in row["pairs"]]
+        group_of_pair += [g] * len(row["pairs"])
+        flat += row["responses"]
+    return {**collate_lm(flat, pad_id),  # input_ids, attention_mask, labels (N, T)
+            "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),  # (P, 2)
+            "group_of_pair": torch.tensor(group_of_pair, dtype=torch.long)}  # (P,)
+
+
 def reward_scores(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Scalar rewards (B,) of a padded batch {input_ids, attention_mask}, in float32, on the model's device.
 

@@ -175,6 +175,32 @@ def bradley_terry_loss(
     return -F.logsigmoid(diff).mean()
 
 
+def kwise_loss(scores: torch.Tensor, pairs: torch.Tensor, group_of_pair: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's reward-model loss over rankings: the mean over groups of the mean over each group's pairs of
+    -log sigmoid(r_better - r_worse).
+
+    Ouyang et al. 2022 (InstructGPT), sec. 3.5 and eq. 1: the K(K-1)/2 comparisons of one prompt's K ranked
+    responses are one batch element, each weighted 1 / (K(K-1)/2), so a ranking counts once however many pairs it
+    makes, and each response is scored once, not once per pair. scores (N,) are the rewards of the batch's
+    responses; pairs (P, 2) long holds (better, worse) row indices into scores; group_of_pair (P,) long numbers
+    each pair's group 0..G-1, every group with at least one pair. With one pair per group (K = 2) it is
+    bradley_terry_loss.
+    """
+    if scores.dim() != 1 or pairs.dim() != 2 or pairs.shape[1] != 2 or group_of_pair.shape != pairs.shape[:1]:
+        raise ValueError(f"kwise_loss needs scores (N,), pairs (P, 2) and group_of_pair (P,), got "
+                         f"{tuple(scores.shape)}, {tuple(pairs.shape)} and {tuple(group_of_pair.shape)}")
+    if pairs.numel() == 0:
+        raise ValueError("kwise_loss needs at least one pair")
+    per_group = torch.bincount(group_of_pair)  # (G,)  pairs in each group
+    if (per_group == 0).any():
+        raise ValueError(f"kwise_loss: groups {(per_group == 0).nonzero().flatten().tolist()} have no pair; number "
+                         f"the groups 0..G-1 with a pair in each")
+    diff = scores[pairs[:, 0]] - scores[pairs[:, 1]]  # (P,)
+    losses = -F.logsigmoid(diff)  # (P,)
+    weights = 1.0 / per_group[group_of_pair].to(losses.dtype)  # (P,)  1 / (pairs in the pair's group)
+    return (weights * losses).sum() / len(per_group)
+
+
 # ---- sentence embeddings --------------------------------------------------------------------------
 # H = embedding size. Each loss takes embeddings (or their cosines) and returns a scalar; none of them
 # normalises inside a model, so the embeddings served are the very vectors these cosines are taken of.

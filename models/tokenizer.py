@@ -140,6 +140,14 @@ def chat_example(tok: PreTrainedTokenizerFast, messages: Sequence[dict], max_len
     return {"input_ids": ids, "labels": labels}
 
 
+def response_example(tok: PreTrainedTokenizerFast, prompt: Sequence[dict], response: str, max_length: int,
+                     counts: MutableMapping[str, int] | None = None) -> dict | None:
+    """{input_ids, labels}: the prompt followed by one response, labels on the response and its <|eos|> only, cut
+    as chat_example cuts (a reward model's or a preference pair's side)."""
+    messages = [*prompt, {"role": "assistant", "content": response}]
+    return chat_example(tok, messages, max_length, train_on="last_assistant", counts=counts)
+
+
 def preference_example(tok: PreTrainedTokenizerFast, row: dict, max_length: int,
                        counts: MutableMapping[str, int] | None = None) -> dict | None:
     """{chosen, rejected}: the prompt followed by each response, labels on the response and its <|eos|> only.
@@ -149,8 +157,7 @@ def preference_example(tok: PreTrainedTokenizerFast, row: dict, max_length: int,
     """
     pair, sides = {}, {}
     for side in ("chosen", "rejected"):
-        messages = [*row["prompt"], {"role": "assistant", "content": row[side]}]
-        pair[side] = chat_example(tok, messages, max_length, train_on="last_assistant", counts=sides)
+        pair[side] = response_example(tok, row["prompt"], row[side], max_length, counts=sides)
         if pair[side] is None:
             break
     if counts is not None:

@@ -12,6 +12,7 @@ from instructflow.data import (
     dedup,
     load_source,
     parse_hh_transcript,
+    ranked_records,
     sample_balanced,
     split,
     text_documents,
@@ -136,6 +137,36 @@ def test_ranked_list_of_three_makes_three_pairs_best_first(tmp_path):
         ("best", "middle"), ("best", "worst"), ("middle", "worst")]
 
 
+def test_a_ranked_lists_pairs_carry_its_group_and_a_pair_row_none(tmp_path):
+    ranked = write(tmp_path, "r.jsonl", jsonl({"prompt": "Q", "responses": ["best", "worst"]},
+                                              {"prompt": "Q2", "responses": ["x", "y", "z"]}))
+    assert [r["group"] for r in records(ranked, "preference")] == ["r.jsonl:1", "r.jsonl:2", "r.jsonl:2", "r.jsonl:2"]
+    assert records(ranked, "preference")[0] == {"prompt": [user("Q")], "chosen": "best", "rejected": "worst",
+                                                "source": "r.jsonl", "group": "r.jsonl:1"}
+    pair = write(tmp_path, "p.jsonl", jsonl({"prompt": "Q", "chosen": "a", "rejected": "b"}))
+    assert "group" not in records(pair, "preference")[0]
+    array = write(tmp_path, "a.json", json.dumps([{"prompt": "Q", "responses": ["a", "b"]}] * 2))
+    assert [r["group"] for r in records(array, "preference")] == ["a.json:1[0]", "a.json:1[1]"]
+
+
+def test_tiers_rank_responses_with_ties_and_tied_responses_make_no_pair(tmp_path):
+    path = write(tmp_path, "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b", "c", "d"],
+                                             "tiers": [[0], [2, 1], [3]]}))
+    assert [(r["chosen"], r["rejected"]) for r in records(path, "preference")] == [
+        ("a", "c"), ("a", "b"), ("a", "d"), ("c", "d"), ("b", "d")]  # not (c, b) nor (b, c): they tie
+
+
+def test_ranked_records_from_memory_match_what_prepare_reads_and_name_the_bad_line(tmp_path):
+    row = {"prompt": [user("Q")], "responses": ["a", "b", "c"], "tiers": [[0, 1], [2]]}
+    path = write(tmp_path, "feedback.jsonl", jsonl({"prompt": "Other", "responses": ["x", "y"]}, row))
+    assert ranked_records([{"prompt": "Other", "responses": ["x", "y"]}, row], path) == records(path, "preference")
+    assert [r["group"] for r in ranked_records([(7, row)], "data/feedback/f.jsonl")] == ["f.jsonl:7"] * 2
+    with pytest.raises(DataError, match=r"f\.jsonl, line 2, field 'tiers\[0\]\[1\]': 3 is not a response index"):
+        ranked_records([row, {**row, "tiers": [[0, 3], [2]]}], "f.jsonl")
+    with pytest.raises(DataError, match=r"f\.jsonl, line 1: expected a ranked row"):
+        ranked_records(["not a row"], "f.jsonl")
+
+
 def test_unpaired_labels_accept_booleans_and_1_0(tmp_path):
     path = write(tmp_path, "u.jsonl", jsonl(
         *({"prompt": "Q", "completion": f"c{i}", "label": label} for i, label in
@@ -172,6 +203,16 @@ ERRORS = [
      "`columns` maps {completion: A} but the header has no column 'A'; the file's columns are: Q, B"),
     ("ranked_ties", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b", "a"]}), "preference", {}, 1,
      "responses[2]", "same as 'responses[0]'"),
+    ("ranked_one_response", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a"]}), "preference", {}, 1,
+     "responses", "at least 2 responses (best first), got 1 response(s)"),
+    ("tiers_miss_a_response", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b", "c"], "tiers": [[0], [2]]}),
+     "preference", {}, 1, "tiers", "response(s) [1] are in no tier"),
+    ("tiers_rank_twice", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b"], "tiers": [[0, 1], [1]]}),
+     "preference", {}, 1, "tiers[1][0]", "response 1 is ranked twice (also at [0][1])"),
+    ("tiers_one_tier", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b"], "tiers": [[1, 0]]}),
+     "preference", {}, 1, "tiers", "has one tier"),
+    ("tiers_empty_tier", "r.jsonl", jsonl({"prompt": "Q", "responses": ["a", "b"], "tiers": [[0], [], [1]]}),
+     "preference", {}, 1, "tiers[1]", "got an empty list"),
     ("hh_prefix_differs", "hh.jsonl", jsonl({"chosen": "\n\nHuman: A\n\nAssistant: x",
                                              "rejected": "\n\nHuman: B\n\nAssistant: y"}), "preference", {}, 1,
      "rejected", "does not share"),
@@ -397,6 +438,28 @@ def test_split_keeps_all_pairs_of_a_prompt_on_one_side():
     rows = [{"prompt": [user(f"q{i // 3}")], "chosen": "a", "rejected": f"b{i}", "source": "s"} for i in range(90)]
     train, held_out = split(rows, 0.3, seed=0)
     assert held_out and not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in held_out}
+
+
+def ranked(group: str, prompt: str, n: int, source: str = "s") -> list[dict]:
+    return [{"prompt": [user(prompt)], "chosen": "a", "rejected": f"b{i}", "source": source, "group": group}
+            for i in range(n)]
+
+
+def test_dedup_ignores_the_group_and_split_never_splits_one_even_under_a_single_prompt():
+    first, again = ranked("r.jsonl:1", "q", 3), ranked("r.jsonl:9", "q", 3)
+    assert dedup(first + again) == (first, again)  # one comparison, kept in the first list
+    one_prompt = [row for i in range(40) for row in ranked(f"r.jsonl:{i}", "q", 3)]
+    train, held_out = split(one_prompt, 0.3, seed=0)  # one prompt: split by list, not by pair
+    assert train and held_out and not {r["group"] for r in train} & {r["group"] for r in held_out}
+
+
+def test_sample_balanced_takes_a_ranked_list_whole_or_not_at_all():
+    rows = [row for i in range(10) for row in ranked(f"g{i}", f"q{i}", 6)] + pairs(30)
+    for seed in range(5):
+        sample = sample_balanced(rows, 20, seed)
+        taken = [r for r in sample if "group" in r]
+        assert len(sample) <= 20 and taken and len(sample) > len(taken)
+        assert all(sum(r["group"] == g for r in taken) == 6 for g in {r["group"] for r in taken})
 
 
 def test_split_gives_both_sides_a_row_when_there_are_two():

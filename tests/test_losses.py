@@ -1,6 +1,7 @@
 """Losses against numbers worked by hand."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from models.losses import (
     in_batch_negatives_loss,
     kto_loss,
     kto_reference_point,
+    kwise_loss,
     masked_mean,
     sequence_logprobs,
 )
@@ -280,6 +282,59 @@ def test_bradley_terry_gradient_pushes_rewards_apart():
     # d/d r_c = -sigmoid(-2) = -0.119202922
     assert rc.grad.item() == pytest.approx(-0.1192029220)
     assert rr.grad.item() == pytest.approx(0.1192029220)
+
+
+# ---- kwise_loss ---------------------------------------------------------------------
+
+
+def pairs_of(*pairs):
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+
+
+def groups_of(*groups):
+    return torch.tensor(groups, dtype=torch.long)
+
+
+def test_kwise_one_ranking_of_three_is_the_mean_over_its_three_pairs():
+    # scores [2, 1, 0], best first -> pairs (0,1), (0,2), (1,2) with margins 1, 2, 1
+    # softplus(-1) = log(1 + e^-1) = log(1.367879441) = 0.313261688; softplus(-2) = 0.126928011
+    # mean: (0.313261688 + 0.126928011 + 0.313261688) / 3 = 0.753451387 / 3 = 0.251150462
+    loss = kwise_loss(t(2.0, 1.0, 0.0), pairs_of((0, 1), (0, 2), (1, 2)), groups_of(0, 0, 0))
+    assert loss.item() == pytest.approx(0.2511504620, abs=1e-9)
+
+
+def test_kwise_weights_each_ranking_once_not_each_pair():
+    # group 0: the K = 3 ranking above, 0.251150462; group 1: K = 2, rows 3 and 4 both score 0 -> log 2 = 0.693147181
+    # per group: (0.251150462 + 0.693147181) / 2 = 0.472148821 (per pair it would be 1.446598568 / 4 = 0.361649642)
+    loss = kwise_loss(t(2.0, 1.0, 0.0, 0.0, 0.0), pairs_of((0, 1), (0, 2), (1, 2), (3, 4)), groups_of(0, 0, 0, 1))
+    assert loss.item() == pytest.approx(0.4721488213, abs=1e-9)
+
+
+def test_kwise_with_one_pair_per_group_is_bradley_terry():
+    chosen, rejected = t(2.0, -1.0, 0.5), t(0.0, 1.0, 0.5)
+    scores = torch.cat([chosen, rejected])  # rows 0..2 chosen, 3..5 rejected
+    loss = kwise_loss(scores, pairs_of((0, 3), (1, 4), (2, 5)), groups_of(0, 1, 2))
+    assert loss.item() == pytest.approx(bradley_terry_loss(chosen, rejected).item(), abs=1e-12)
+
+
+def test_kwise_gradient_of_a_response_sums_over_its_pairs_weighted_per_group():
+    # one group, scores [2, 1, 0]: d/ds0 = (-sigmoid(-1) - sigmoid(-2)) / 3 = (-0.268941421 - 0.119202922) / 3
+    scores = t(2.0, 1.0, 0.0).requires_grad_()
+    kwise_loss(scores, pairs_of((0, 1), (0, 2), (1, 2)), groups_of(0, 0, 0)).backward()
+    assert scores.grad[0].item() == pytest.approx(-0.1293814477, abs=1e-9)
+    # the middle response is worse in (0,1), better in (1,2), with equal margins: its gradient cancels
+    assert scores.grad[1].item() == pytest.approx(0.0, abs=1e-12)
+    assert scores.grad.sum().item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("pairs,groups,message", [
+    (pairs_of((0, 1)), groups_of(1), "groups [0] have no pair"),
+    (pairs_of((0, 1)), groups_of(0, 0), "pairs (P, 2) and group_of_pair (P,)"),
+    (pairs_of(), groups_of(), "at least one pair"),
+])
+def test_kwise_bad_arguments_say_what_is_wrong(pairs, groups, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kwise_loss(t(1.0, 0.0), pairs, groups)
 
 
 # ---- sentence-embedding losses ---------------------------------------------------------------------

@@ -106,6 +106,19 @@ def test_a_bad_source_writes_nothing(project):
     assert sorted(p.name for p in out.parent.iterdir()) == ["prepared", "raw", "user"]  # no temp folder left
 
 
+def test_a_ranked_lists_pairs_share_a_group_on_one_side_even_when_capped(project):
+    out = project / "data" / "prepared"
+    for cap in (None, 10):  # 8 lists of 3 pairs, capped to 10 rows: 3 whole lists (9 rows), never a part of one
+        build(config(user_sources(), max_preference_rows=cap), seed=0, raw_dir=project / "data" / "raw", out_dir=out)
+        train, held_out = (read_jsonl(out / f"preference_{part}.jsonl") for part in ("train", "eval"))
+        ranked = [r for r in train + held_out if r["source"] == "prefs.jsonl"]
+        groups = {r["group"] for r in ranked}
+        assert len(ranked) == 3 * len(groups) == (24 if cap is None else 9)
+        assert all(g.startswith("prefs.jsonl:") for g in groups)
+        assert not {r["group"] for r in train if "group" in r} & {r["group"] for r in held_out if "group" in r}
+        assert all("group" not in r for r in train + held_out if r["source"] == "synthetic")
+
+
 def test_build_on_the_demo_data_with_small_caps(tmp_path):
     cfg = config(demo=True, n_train=30, n_eval=9, max_pretrain_chars=30_000, max_sft_rows=60,
                  max_preference_rows=40, max_prompt_rows=10)
