@@ -561,6 +561,11 @@ def label(
                                                                           "label.allow_ties)")] = None,
     db: Annotated[Optional[Path], typer.Option(help="the SQLite store (default label.db, else "
                                                     "FILE.labels.sqlite)")] = None,
+    export_on_complete: Annotated[Optional[Path], typer.Option(help="once every prompt is complete: write the "
+                                                                    "labels file here and stop serving")] = None,
+    resume_flow_run: Annotated[Optional[str], typer.Option(help="once every prompt is complete: resume this "
+                                                                "paused Prefect flow run (`instructflow rounds` "
+                                                                "with rank.method human)")] = None,
     root: Root = None,
 ) -> None:
     """LABEL_HELP: the ranking page (apps/label.py)."""
@@ -589,7 +594,21 @@ def label(
                           "stops)", highlight=False, soft_wrap=True)
             sys.stdout.flush()  # a script waiting for the URL on a pipe
 
-        serve_page(generation, settings, announce=announce)
+        def completed() -> None:  # in the server: the export first, then the paused flow may go on
+            if export_on_complete is not None:
+                export_labels(store_path, generation, export_on_complete)
+                console.print(f"every prompt is ranked: labels written to {escape(str(export_on_complete))}")
+            if resume_flow_run is not None:
+                import threading
+                from uuid import UUID
+
+                from prefect.flow_runs import resume_flow_run as resume
+
+                # a thread of its own: Prefect's sync call must not run inside the server's event loop
+                threading.Thread(target=resume, args=(UUID(resume_flow_run),), daemon=False).start()
+
+        serve_page(generation, settings, on_complete=completed if (export_on_complete or resume_flow_run) else None,
+                   announce=announce, stop_when_complete=export_on_complete is not None)
     except InstructflowError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,9 +90,9 @@ def _registered(root: Path) -> str:
     path = root / "registry" / "register.json"
     if not path.is_file():
         return ""
-    for model in json.loads(path.read_text()).get("models", []):
-        if model.get("task") == "policy" or "policy" in str(model.get("name", "")):
-            aliases = ",".join(model.get("aliases", []))
+    for name, model in json.loads(path.read_text()).get("models", {}).items():
+        if "policy" in name and isinstance(model, dict):
+            aliases = ",".join(a for a, v in (model.get("aliases") or {}).items() if v == model.get("version"))
             return f"v{model.get('version')}" + (f" ({aliases})" if aliases else "")
     return ""
 
@@ -197,8 +198,18 @@ def wait_for_people(root: Path, params, round_: int, logger) -> None:
     flow_run_id = str(get_run_context().flow_run.id)
     cmd = [sys.executable, "-m", "apps.cli", "label", str(samples), "--export-on-complete", str(labels),
            "--resume-flow-run", flow_run_id]
-    server = subprocess.Popen(cmd, cwd=root, env={**os.environ}, start_new_session=True)
-    url = f"http://{params.label.host}:{params.label.port}/"
+    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "COLUMNS": "200"}, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    url = ""
+    for line in server.stdout:  # the page announces its address (a free port when label.port is 0)
+        if "ranking page:" in line:
+            url = line.split("ranking page:", 1)[1].split()[0]
+            break
+    if not url:
+        raise InstructflowError(f"round {round_}: the labelling page did not start (exit {server.wait()}): "
+                                f"{' '.join(cmd)}")
+    threading.Thread(target=lambda: [logger.info("label: %s", line.rstrip()) for line in server.stdout],
+                     daemon=True).start()
     try:
         logger.info("round %d: %d prompts wait for people: rank them at %s (the flow resumes once they are done)",
                     round_, len(generation.groups), url)

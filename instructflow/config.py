@@ -511,8 +511,6 @@ class Params(Section):
     generate: GenerateConfig = GenerateConfig()
     rank: RankConfig = RankConfig()
     loop: LoopConfig = LoopConfig()
-
-
     label: LabelConfig = LabelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from instructflow.config import Params
-from instructflow.data import ranked_records
+from instructflow.data import iter_jsonl, ranked_records, read_text
 from instructflow.errors import InstructflowError
 from models.decoder import collate_groups, collate_pairs, reward_scores
 from models.losses import bradley_terry_loss, kwise_loss
@@ -160,6 +160,19 @@ def pairwise_eval(model, batches: list[dict]) -> dict[str, float]:
     return {"loss": loss_sum / total, "accuracy": correct / total}
 
 
+def feedback_rows(root: Path, params: Params) -> tuple[list[dict], list[Path]]:
+    """The feedback loop's rankings (loop.feedback_dir/round_<r>.jsonl: stage `rank`'s rows, added by the `rounds`
+    flow) as preference rows for training, in round order, and the files read. The held-out figures stay on
+    preference_eval, so the rounds compare on one fixed set."""
+    folder = root / params.loop.feedback_dir
+    files = sorted(folder.glob("round_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1].isdigit()
+                   else -1) if folder.is_dir() else []
+    rows: list[dict] = []
+    for path in files:
+        rows += ranked_groups(iter_jsonl(path, read_text(path)), path)
+    return rows, files
+
+
 def body(params: Params, root: Path, run: StageRun) -> dict:
     from transformers import AutoModelForSequenceClassification
 
@@ -168,7 +181,10 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     tok = load_tokenizer(source)
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, pad_token_id=tok.pad_token_id)
     cut = {"train": Counter(), "eval": Counter()}
-    train_rows = read_prepared(root, "preference_train")
+    feedback, feedback_files = feedback_rows(root, params)
+    if feedback:
+        log.info("reward model: %d pairs of feedback from %s", len(feedback), ", ".join(p.name for p in feedback_files))
+    train_rows = read_prepared(root, "preference_train") + feedback
     if cfg.kwise:  # elements are ranked lists: batch_size lists a step
         train_set = group_set(tok, preference_groups(train_rows), cfg.max_length, "preference_train", cut["train"])
         collate_train, step, lengths = partial(collate_groups, pad_id=tok.pad_token_id), kwise_step, group_lengths
@@ -188,13 +204,17 @@ def body(params: Params, root: Path, run: StageRun) -> dict:
     history = train(model, train_set, collate_train, step, settings,
                     eval_fn=lambda m: pairwise_eval(m, eval_batches), on_log=run.log_step,
                     lengths=lengths(train_set),
-                    **resumable(root, "reward", params, root / "artifacts" / "sft", root / "data" / "prepared"))
+                    **resumable(root, "reward", params, root / "artifacts" / "sft", root / "data" / "prepared",
+                                *feedback_files))
     with stage_output(root, "reward", run, model=model, tokenizer=tok, history=history):
         pass
     metrics = final_metrics(history, ("loss", "accuracy", "eval_loss", "eval_accuracy", "tokens_per_sec"))
     metrics.update(train_pairs=train_pairs, eval_pairs=len(eval_set))
     if cfg.kwise:
         metrics["train_groups"] = len(train_set)
+    if feedback_files:
+        metrics.update(feedback_rounds=len(feedback_files), feedback_pairs=len(feedback),
+                       feedback_groups=len({row["group"] for row in feedback}))
     metrics.update(cut_metrics(cut))
     return metrics
 

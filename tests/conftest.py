@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,3 +119,31 @@ def mlm_folder(tmp_path_factory):
                   max_position_embeddings=128).save_pretrained(folder)
     encoder_tokenizer(tok, 64).save_pretrained(folder)
     return folder
+
+
+def scratch_env(root: Path) -> dict[str, str]:
+    """The copy's own code, MLflow store and Prefect home (not those `make test` exports for the checkout)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"INSTRUCTFLOW_PARENT_RUN_ID", "PREFECT_API_URL", "MLFLOW_RUN_ID", "INSTRUCTFLOW_FAULT"}}
+    env.update({"INSTRUCTFLOW_ROOT": str(root), "PREFECT_HOME": str(root / ".prefect"),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HOME": str(root / ".prefect" / "hf"),
+                "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})
+    return env
+
+
+def cli(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apps.cli", *args], cwd=root, env=scratch_env(root),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory) -> Path:
+    """A scratch micro project whose pipeline has run once (`dvc repro`: every stage up to date, one registered
+    version), shared by the modules that run commands on a trained project (compare, then rounds): each leaves
+    it as it found it or runs last on it."""
+    root = copy_project(tmp_path_factory.mktemp("micro_pipeline"), "micro")
+    assert cli(root, "dvc-yaml").returncode == 0  # as `run` does first (the stage table may be ahead of dvc.yaml)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=scratch_env(root), check=True,
+                   capture_output=True, timeout=900)
+    return root

@@ -17,25 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_project
+from conftest import cli, scratch_env
 
 e2e = pytest.mark.e2e  # the tests of the one pipeline run and comparison (the fast ones at the end are not)
-
-
-def scratch_env(root: Path) -> dict[str, str]:
-    """The copy's own code, MLflow store and Prefect home (not those `make test` exports for the checkout)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"INSTRUCTFLOW_PARENT_RUN_ID", "PREFECT_API_URL", "MLFLOW_RUN_ID", "INSTRUCTFLOW_FAULT"}}
-    env.update({"INSTRUCTFLOW_ROOT": str(root), "PREFECT_HOME": str(root / ".prefect"),
-                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HOME": str(root / ".prefect" / "hf"),
-                "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})
-    return env
-
-
-def cli(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "apps.cli", *args], cwd=root, env=scratch_env(root),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def dvc_status(root: Path) -> dict:
@@ -60,11 +44,8 @@ def policy_versions(root: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    root = copy_project(tmp_path_factory.mktemp("compare"), "micro")
-    assert cli(root, "dvc-yaml").returncode == 0  # as `run` does first (the stage table may be ahead of dvc.yaml)
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=scratch_env(root), check=True,
-                   capture_output=True, timeout=900)
+def compared(micro_pipeline):
+    root = micro_pipeline
     before = {"params": (root / "params.yaml").read_bytes(), "status": dvc_status(root),
               "runs": len(mlflow_runs(root)), "versions": policy_versions(root),
               "lock": (root / "dvc.lock").read_bytes()}

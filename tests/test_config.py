@@ -207,7 +207,9 @@ def test_stages_follow_the_chosen_tracks(tmp_path):
 
     assert decoder == ["prepare", "tokenizer", "pretrain", "sft", "reward", "align", "evaluate", "register"]
     assert encoder == ["prepare", "tokenizer", "mlm", "classify", "similarity", "register"]
-    assert both == [s for s in STAGES if s != "self_instruct"]  # an optional stage runs only when switched on
+    # an optional stage runs only when switched on
+    assert both == [s for s in STAGES if s not in ("self_instruct", "generate", "rank")]
+    assert {"generate", "rank"} <= set(load_params(path, overrides=["loop.enabled=true"]).stages())
     assert "self_instruct" in load_params(path, overrides=["self_instruct.enabled=true"]).stages()
     assert "self_instruct" not in load_params(path, overrides=["self_instruct.enabled=true",
                                                                "tracks.decoder=false", "tracks.encoder=true"]).stages()

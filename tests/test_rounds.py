@@ -151,3 +151,93 @@ def test_rank_stage_reward_model_must_exist(tmp_path):
     write_samples(tmp_path, [("1+1?", ["2", "3"], "2")])
     with pytest.raises(ConfigError, match="rank.reward_model = /nowhere: no model in /nowhere"):
         tasks.rank.body(loop_params("rank.method=reward_model", "rank.reward_model=/nowhere"), tmp_path, FakeRun())
+
+
+# ------------------------------------------------------------------------------------------ the loop, end to end
+@pytest.fixture(scope="module")
+def two_rounds(micro_pipeline):
+    """`instructflow rounds --rounds 2` (the verifier) on the trained micro project (it runs last on it)."""
+    from conftest import cli
+
+    root = micro_pipeline
+    result = cli(root, "rounds", "--rounds", "2", "--set", "generate.n_prompts=8", "--set",
+                 "generate.max_new_tokens=8", timeout=1500)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return root, result
+
+
+def mlflow_client(root: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+@pytest.mark.e2e
+def test_each_round_adds_its_rankings_to_the_feedback_tracked_by_dvc(two_rounds):
+    root, _ = two_rounds
+    feedback = root / "data" / "feedback"
+    assert sorted(p.name for p in feedback.iterdir()) == ["round_1.jsonl", "round_2.jsonl"]
+    assert (root / "data" / "feedback.dvc").is_file()
+    for r in (1, 2):
+        rows = [json.loads(line) for line in (feedback / f"round_{r}.jsonl").read_text().splitlines()]
+        assert rows and all(row["round"] == r and row["ranked_by"] == "verifier" for row in rows)
+    first = {json.dumps(json.loads(line)["prompt"]) for line in (feedback / "round_1.jsonl").read_text().splitlines()}
+    second = {json.dumps(json.loads(line)["prompt"]) for line in (feedback / "round_2.jsonl").read_text().splitlines()}
+    assert not first & second  # each round asks new prompts
+
+
+@pytest.mark.e2e
+def test_the_second_rounds_reward_model_has_seen_more_data(two_rounds):
+    root, _ = two_rounds
+    runs = mlflow_client(root).search_runs(
+        [mlflow_client(root).get_experiment_by_name("instructflow").experiment_id],
+        "tags.`instructflow.stage` = 'reward' and tags.`instructflow.round` != ''")
+    by_round = {r.data.tags["instructflow.round"]: r.data.metrics for r in runs}
+    assert set(by_round) == {"1", "2"}
+    assert by_round["1"]["feedback_rounds"] == 1 and by_round["2"]["feedback_rounds"] == 2
+    assert by_round["2"]["feedback_pairs"] > by_round["1"]["feedback_pairs"] > 0
+    assert by_round["2"]["train_pairs"] > by_round["1"]["train_pairs"]
+
+
+@pytest.mark.e2e
+def test_the_table_compares_round_against_round(two_rounds):
+    root, result = two_rounds
+    data = json.loads((root / "rounds" / "rounds.json").read_text())
+    assert data["method"] == "verifier" and [r["round"] for r in data["rounds"]] == [0, 1, 2]
+    start, one, two = data["rounds"]
+    assert start["feedback_pairs"] == 0 < one["feedback_pairs"] < two["feedback_pairs"]
+    for row in (one, two):
+        for key in ("reward_accuracy", "win_rate", "kl_to_reference", "exact_match"):
+            assert row[key] is not None, key
+        assert row["win_rate_ci_low"] <= row["win_rate"] <= row["win_rate_ci_high"]
+        assert 0 <= row["top_correct"] <= 1
+    assert "| 2 |" in (root / "rounds" / "rounds.md").read_text() and "feedback rounds" in result.stdout
+
+
+@pytest.mark.e2e
+def test_each_round_is_tagged_in_mlflow_and_in_the_registry(two_rounds):
+    root, _ = two_rounds
+    client = mlflow_client(root)
+    exp = client.get_experiment_by_name("instructflow").experiment_id
+    [parent] = client.search_runs([exp], "attributes.run_name = 'rounds'")
+    assert parent.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "exact_match")] == [1, 2]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["round 1", "round 2"]
+    rounds = {v.tags.get("loop.round") for v in client.search_model_versions("name='instructflow-policy'")}
+    assert {"1", "2"} <= rounds
+
+
+@pytest.mark.e2e
+def test_after_the_rounds_dvc_and_params_agree(two_rounds):
+    from conftest import scratch_env
+
+    import subprocess
+    import sys
+
+    root, _ = two_rounds
+    params = load_params(root / "params.yaml")
+    assert params.loop.enabled and params.loop.round == 2
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=scratch_env(root),
+                            capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}
