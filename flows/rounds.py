@@ -97,6 +97,16 @@ def _registered(root: Path) -> str:
     return ""
 
 
+def evaluate_figures(ev: dict) -> dict:
+    """What evaluate measured of a round: reward accuracy on the fixed held-out pairs, win-rate and KL against SFT,
+    exact match, each with its interval where it has one."""
+    out = {}
+    for key in ("reward_accuracy", "win_rate", "kl_to_reference", "exact_match"):
+        out[key] = ev.get(key)
+        out.update({f"{key}_{side}": ev[f"{key}_{side}"] for side in ("ci_low", "ci_high") if f"{key}_{side}" in ev})
+    return out
+
+
 def round_row(root: Path, round_: int, feedback: dict, total: dict) -> dict:
     """The figures of one round, from the stages' metrics."""
     ev, rw, rk, gen = (_metrics(root, s) for s in ("evaluate", "reward", "rank", "generate"))
@@ -104,12 +114,7 @@ def round_row(root: Path, round_: int, feedback: dict, total: dict) -> dict:
            "new_groups": feedback.get("groups", 0), "top_correct": rk.get("top_correct"),
            "distinct_share": gen.get("distinct_share"), "reward_eval_accuracy": rw.get("eval_accuracy"),
            "registered": _registered(root)}
-    for key in ("reward_accuracy", "win_rate", "kl_to_reference", "exact_match"):
-        row[key] = ev.get(key)
-        for side in ("ci_low", "ci_high"):
-            if f"{key}_{side}" in ev:
-                row[f"{key}_{side}"] = ev[f"{key}_{side}"]
-    return row
+    return {**row, **evaluate_figures(ev)}
 
 
 def start_row(root: Path) -> dict | None:
@@ -120,12 +125,7 @@ def start_row(root: Path) -> dict | None:
     row = {"round": 0, "feedback_groups": 0, "feedback_pairs": 0, "new_groups": 0, "top_correct": None,
            "distinct_share": None, "reward_eval_accuracy": _metrics(root, "reward").get("eval_accuracy"),
            "registered": _registered(root)}
-    for key in ("reward_accuracy", "win_rate", "kl_to_reference", "exact_match"):
-        row[key] = ev.get(key)
-        for side in ("ci_low", "ci_high"):
-            if f"{key}_{side}" in ev:
-                row[f"{key}_{side}"] = ev[f"{key}_{side}"]
-    return row
+    return {**row, **evaluate_figures(ev)}
 
 
 def _cell(row: dict, key: str) -> str:
