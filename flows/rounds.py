@@ -10,7 +10,8 @@ A round r is one flow run (`feedback_round`) on the pipeline's machinery (flows/
    flow run once every prompt has its rankings (or a person resumes it in the Prefect UI);
 3. the round's rankings join the feedback: data/ranked/ranked.jsonl is copied to loop.feedback_dir/round_<r>.jsonl
    and the folder is tracked with `dvc add` (feedback_dir.dvc: one version per round, in DVC's cache);
-4. `reward` (it now reads the feedback: every earlier round and this one), `align`, `evaluate` and `register`
+4. `reward` and `align` (they now read the feedback: every earlier round and this one; dpo and kto train on it,
+   ppo/grpo/rloo through the reward model), `evaluate` and `register`
    rerun; each stage's MLflow run is tagged `instructflow.round`, each registered version `loop.round`.
 
 Rounds continue the project's numbering: a second `instructflow rounds` starts after the last round in the

@@ -245,13 +245,15 @@ def feedback_present(root: Path, feedback_dir: str) -> bool:
 
 
 def loop_deps(root: Path, params) -> dict[str, list[str]]:
-    """DVC deps of the feedback loop that params and the project decide: the reward stage reads loop.feedback_dir
-    once the project holds rounds of feedback (so turning the loop on retrains nothing until a round adds data);
+    """DVC deps of the feedback loop that params and the project decide: the reward and align stages read
+    loop.feedback_dir once the project holds rounds of feedback (so turning the loop on retrains nothing until a
+    round adds data; reward trains on every ranked pair, dpo/kto on them too, ppo/grpo/rloo through the reward model);
     `rank` reads its labels file (method human) or its reward model when that is a folder (a registry URI is
     resolved by the stage and recorded in its rows; `reward` is this pipeline's reward stage)."""
     deps: dict[str, list[str]] = {}
     if feedback_present(root, params.loop.feedback_dir):
         deps["reward"] = [params.loop.feedback_dir]
+        deps["align"] = [params.loop.feedback_dir]
     if params.loop.enabled:
         rank = params.rank
         if rank.method == "human":

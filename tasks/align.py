@@ -10,6 +10,11 @@ Offline, from prepared data:
   row's prompt with the completion of a partner row, fixed per row by a seeded order (TRL pairs a row with its
   neighbour in the batch instead; a fixed partner lets the reference's log-probs of the pair be computed once too).
 
+With the feedback loop's rounds in the project (loop.feedback_dir/round_<r>.jsonl, see flows/rounds.py), dpo also
+trains on every ranked pair of them and kto on each ranked list's best (desirable) and worst (undesirable) response;
+the online algorithms take them through the reward model, which trains on them. Held-out figures stay on the
+prepared eval rows, so rounds compare on one fixed set.
+
 The reference log-probs are computed once before training (the reference never changes), for the rows training
 will draw and for the held-out rows, so only the policy runs in the loop.
 
@@ -40,7 +45,7 @@ from models.losses import (
 )
 from models.tokenizer import chat_example, load_tokenizer
 from models.training import LoopSettings, for_inference, rows_trained, to_device, train
-from tasks.reward import cut_metrics, pair_lengths, preference_set
+from tasks.reward import cut_metrics, feedback_rows, pair_lengths, preference_groups, preference_set
 from tasks.runtime import (
     final_metrics,
     read_prepared,
@@ -136,8 +141,9 @@ def dpo_body(params: Params, root: Path, run: StageRun) -> dict:
     tok = load_tokenizer(source)
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
     cut = {"train": Counter(), "eval": Counter()}
-    train_set = preference_set(tok, read_prepared(root, "preference_train"), cfg.max_length, "preference_train",
-                               cut["train"])
+    feedback, feedback_files = feedback_rows(root, params)  # the rounds' rankings: every ranked pair trains
+    train_set = preference_set(tok, read_prepared(root, "preference_train") + feedback, cfg.max_length,
+                               "preference_train", cut["train"])
     eval_set = preference_set(tok, read_prepared(root, "preference_eval"), cfg.max_length, "preference_eval",
                               cut["eval"])
     settings = LoopSettings.from_config(cfg, params.seed, knobs=loop_knobs(cfg))
@@ -159,12 +165,15 @@ def dpo_body(params: Params, root: Path, run: StageRun) -> dict:
 
     history = train(policy, train_set, collate, step, settings, eval_fn=evaluate, on_log=run.log_step,
                     lengths=lengths,
-                    **resumable(root, "align", params, root / "artifacts" / "sft", root / "data" / "prepared"))
+                    **resumable(root, "align", params, root / "artifacts" / "sft", root / "data" / "prepared",
+                                *feedback_files))
     with stage_output(root, "align", run, model=policy, tokenizer=tok, history=history):
         pass
     metrics = final_metrics(history, ("loss", "reward_accuracy", "eval_loss", "eval_reward_accuracy",
                                       "eval_reward_margin", "tokens_per_sec"))
     metrics.update(train_pairs=len(train_set), pairs_drawn=len(used), eval_pairs=len(eval_set))
+    if feedback_files:
+        metrics.update(feedback_rounds=len(feedback_files), feedback_pairs=len(feedback))
     metrics.update(cut_metrics(cut))
     return metrics
 
@@ -236,6 +245,20 @@ def unpaired_set(tok, rows: list[dict], max_length: int, name: str, seed: int,
         # the prompt fits (the row was kept), so the pair keeps at least one completion token too
         kl = unpaired_example(tok, row["prompt"], kept[j][0]["completion"], max_length)
         out.append({"completion": ex, "kl": kl, "desirable": bool(row["label"])})
+    return out
+
+
+def feedback_unpaired(rows: list[dict]) -> list[dict]:
+    """Ranked preference rows (feedback_rows) as KTO's unpaired rows: in each ranked list, a response that loses
+    no pair is desirable and one that wins no pair is undesirable (tied tops or bottoms all count); the middle of
+    a list of K > 2 gives no label."""
+    out = []
+    for group in preference_groups(rows):
+        better = {b for b, _ in group.pairs}
+        worse = {w for _, w in group.pairs}
+        for i, response in enumerate(group.responses):
+            if (i in better) != (i in worse):  # at the top (only wins) or at the bottom (only losses)
+                out.append({"prompt": group.prompt, "completion": response, "label": i in better})
     return out
 
 
@@ -330,7 +353,9 @@ def kto_body(params: Params, root: Path, run: StageRun) -> dict:
     tok = load_tokenizer(source)
     collate = partial(collate_unpaired, pad_id=tok.pad_token_id)
     cut = {"train": Counter(), "eval": Counter()}
-    train_set = unpaired_set(tok, read_unpaired(root, "unpaired_train"), cfg.max_length, "unpaired_train",
+    feedback, feedback_files = feedback_rows(root, params)
+    feedback = feedback_unpaired(feedback)  # the rounds' rankings: each list's best desirable, its worst not
+    train_set = unpaired_set(tok, read_unpaired(root, "unpaired_train") + feedback, cfg.max_length, "unpaired_train",
                              params.seed, cut["train"])
     eval_set = unpaired_set(tok, read_unpaired(root, "unpaired_eval"), cfg.max_length, "unpaired_eval",
                             params.seed, cut["eval"])
@@ -371,7 +396,8 @@ def kto_body(params: Params, root: Path, run: StageRun) -> dict:
 
     history = train(policy, train_set, collate, step, settings, eval_fn=evaluate, on_log=run.log_step,
                     lengths=lengths,
-                    **resumable(root, "align", params, root / "artifacts" / "sft", root / "data" / "prepared"))
+                    **resumable(root, "align", params, root / "artifacts" / "sft", root / "data" / "prepared",
+                                *feedback_files))
     with stage_output(root, "align", run, model=policy, tokenizer=tok, history=history):
         pass
     metrics = final_metrics(history, ("loss", "reward_accuracy", "kl", "eval_loss", "eval_reward_accuracy",

@@ -171,3 +171,16 @@ def test_kto_drops_rows_whose_prompt_fills_max_length_and_counts_them(project):
     assert len(examples) == len(rows) and counts["dropped"] == 1
     with pytest.raises(InstructflowError, match="no unpaired row fits max_length 16"):
         tasks.align.unpaired_set(tok, rows, 16, "unpaired_eval", seed=0)
+
+
+def test_feedback_rankings_give_kto_the_top_as_desirable_and_the_bottom_as_undesirable():
+    from tasks.reward import ranked_groups
+
+    # one list of 4 best first, one with the top two tied ([[1, 0], [2]]), one list of 2
+    rows = ranked_groups([(1, {"prompt": "p", "responses": ["a", "b", "c", "d"]}),
+                          (2, {"prompt": "q", "responses": ["x", "y", "z"], "tiers": [[1, 0], [2]]}),
+                          (3, {"prompt": "r", "responses": ["u", "v"]})], "data/feedback/round_1.jsonl")
+    got = [(r["completion"], r["label"]) for r in tasks.align.feedback_unpaired(rows)]
+    # the middle of a list of 4 ("b", "c") gets no label; tied tops are both desirable
+    assert sorted(got) == sorted([("a", True), ("d", False), ("x", True), ("y", True), ("z", False),
+                                  ("u", True), ("v", False)])

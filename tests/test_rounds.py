@@ -197,6 +197,12 @@ def test_the_second_rounds_reward_model_has_seen_more_data(two_rounds):
     assert by_round["1"]["feedback_rounds"] == 1 and by_round["2"]["feedback_rounds"] == 2
     assert by_round["2"]["feedback_pairs"] > by_round["1"]["feedback_pairs"] > 0
     assert by_round["2"]["train_pairs"] > by_round["1"]["train_pairs"]
+    aligned = mlflow_client(root).search_runs(
+        [mlflow_client(root).get_experiment_by_name("instructflow").experiment_id],
+        "tags.`instructflow.stage` = 'align' and tags.`instructflow.round` != ''")
+    by_round = {r.data.tags["instructflow.round"]: r.data.metrics for r in aligned}
+    assert by_round["1"]["feedback_rounds"] == 1 and by_round["2"]["feedback_rounds"] == 2  # the policy trains on it
+    assert by_round["2"]["train_pairs"] > by_round["1"]["train_pairs"]
 
 
 @pytest.mark.e2e
