@@ -214,7 +214,7 @@ def wait_for_people(root: Path, params, round_: int, logger) -> None:
     try:
         logger.info("round %d: %d prompts wait for people: rank them at %s (the flow resumes once they are done)",
                     round_, len(generation.groups), url)
-        pause_flow_run(timeout=params.loop.human_timeout_s, key=f"round-{round_}-labels")
+        pause_flow_run(timeout=params.loop.human_timeout_s, poll_interval=2, key=f"round-{round_}-labels")
     finally:
         server.terminate()
         try:

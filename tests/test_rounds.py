@@ -247,3 +247,71 @@ def test_after_the_rounds_dvc_and_params_agree(two_rounds):
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=scratch_env(root),
                             capture_output=True, text=True, check=True)
     assert json.loads(status.stdout or "{}") == {}
+
+
+# ------------------------------------------------------------------------------------------ people, in a flow
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_method_human_pauses_the_flow_until_the_page_has_every_ranking(tmp_path):
+    """wait_for_people in a real Prefect flow run: the flow pauses, the page (a subprocess) takes the rankings over
+    HTTP, writes the labels file and resumes the paused run, which then finds the labels complete."""
+    import threading
+    import time
+    import urllib.request
+
+    import yaml
+    from prefect import flow, get_run_logger
+    from prefect.client.orchestration import get_client
+
+    from flows.rounds import wait_for_people
+    from instructflow.feedback import read_generation, read_labels
+
+    port = free_port()
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["label"]["port"] = port
+    raw["rank"]["method"] = "human"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    samples = write_samples(tmp_path, [("1+1?", ["2", "3", "4"], "2"), ("2+2?", ["4", "5"], "4")])
+    params = load_params(tmp_path / "params.yaml", ["loop.enabled=true", "loop.round=1"])
+    posted: list[int] = []
+
+    def people() -> None:  # wait for the page, then rank both prompts as one person would
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{base}/api/config", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        for index, ranking in ((0, [[1], [0], [2]]), (1, [[0], [1]])):
+            body = json.dumps({"annotator": "ana", "prompt_index": index, "ranking": ranking}).encode()
+            request = urllib.request.Request(f"{base}/api/rank", body, {"Content-Type": "application/json"})
+            posted.append(urllib.request.urlopen(request, timeout=10).status)
+
+    @flow(name="wait-for-people-test")
+    def waiting() -> str:
+        from prefect.context import get_run_context
+
+        wait_for_people(tmp_path, params, 1, get_run_logger())
+        return str(get_run_context().flow_run.id)
+
+    threading.Thread(target=people, daemon=True).start()
+    flow_run_id = waiting()
+    assert posted == [200, 200]
+    labels = read_labels(tmp_path / params.rank.labels, read_generation(samples))
+    assert {i: [x.ranking for x in got] for i, got in labels.items()} == {0: [((1,), (0,), (2,))], 1: [((0,), (1,))]}
+
+    async def states():
+        async with get_client() as client:
+            return [s.type.value for s in await client.read_flow_run_states(flow_run_id)]
+
+    import asyncio
+
+    history = asyncio.run(states())
+    assert "PAUSED" in history and history[-1] == "COMPLETED"  # it did pause, and went on once resumed
