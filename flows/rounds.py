@@ -16,7 +16,8 @@ A round r is one flow run (`feedback_round`) on the pipeline's machinery (flows/
 
 Rounds continue the project's numbering: a second `instructflow rounds` starts after the last round in the
 feedback folder. After the last round, params.yaml keeps the loop on and the last round's number, so dvc.lock,
-params.yaml and the workspace agree (`dvc status` is clean).
+params.yaml and the workspace agree: `dvc status` shows only `generate` out of date, as the last round retrained
+the policy it sampled from (its samples are the next round's).
 
 The round-by-round table (reward-model accuracy on the fixed held-out pairs, win-rate and KL against SFT, exact
 match, with the verifier's best-of-K and the feedback size) goes to rounds/rounds.md and rounds/rounds.json, and
