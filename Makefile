@@ -43,7 +43,7 @@ system-packages:
 	sh infra/system-packages.sh
 
 test: system-packages $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(ARGS)  # two workers, one module each at a time (tests/conftest.py)
+	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py $(ARGS)

@@ -16,11 +16,6 @@ from instructflow import env
 
 ROOT = Path(__file__).resolve().parents[1]
 env.setup()  # as every entry point does: offline, no telemetry, before any test imports transformers
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the 2 cores: one thread each, in the
-    os.environ["OMP_NUM_THREADS"] = "1"  # workers and in the processes they start (an oversubscribed CPU is ~10x slower)
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) -> Path:
@@ -152,12 +147,3 @@ def micro_pipeline(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=scratch_env(root), check=True,
                    capture_output=True, timeout=900)
     return root
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under xdist (`make test`: -n 2 --dist loadgroup) a module's tests run on one worker, so its module fixtures
-    (a trained micro project) are built once; modules marked with one xdist_group share a worker (and the session
-    fixtures they use)."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -19,10 +19,6 @@ from pathlib import Path
 import pytest
 from conftest import cli, scratch_env
 
-# one xdist worker for both modules that use conftest.micro_pipeline (a session fixture: one build per worker)
-pytestmark = pytest.mark.xdist_group("micro_pipeline")
-
-
 e2e = pytest.mark.e2e  # the tests of the one pipeline run and comparison (the fast ones at the end are not)
 
 

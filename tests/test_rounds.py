@@ -20,9 +20,6 @@ from tasks.rank import mean_positions, pair_count, ranked_row, score_tiers, tier
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# one xdist worker for both modules that use conftest.micro_pipeline (a session fixture: one build per worker)
-pytestmark = pytest.mark.xdist_group("micro_pipeline")
-
 
 # ------------------------------------------------------------------------------------------ rankers
 def test_verifier_puts_right_answers_first_then_the_shorter():
