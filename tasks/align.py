@@ -45,7 +45,13 @@ from models.losses import (
 )
 from models.tokenizer import chat_example, load_tokenizer
 from models.training import LoopSettings, for_inference, rows_trained, to_device, train
-from tasks.reward import cut_metrics, feedback_rows, pair_lengths, preference_groups, preference_set
+from tasks.reward import (
+    cut_metrics,
+    feedback_rows,
+    pair_lengths,
+    preference_groups,
+    preference_set,
+)
 from tasks.runtime import (
     final_metrics,
     read_prepared,
@@ -353,8 +359,8 @@ def kto_body(params: Params, root: Path, run: StageRun) -> dict:
     tok = load_tokenizer(source)
     collate = partial(collate_unpaired, pad_id=tok.pad_token_id)
     cut = {"train": Counter(), "eval": Counter()}
-    feedback, feedback_files = feedback_rows(root, params)
-    feedback = feedback_unpaired(feedback)  # the rounds' rankings: each list's best desirable, its worst not
+    ranked, feedback_files = feedback_rows(root, params)
+    feedback = feedback_unpaired(ranked)  # the rounds' rankings: each list's best desirable, its worst not
     train_set = unpaired_set(tok, read_unpaired(root, "unpaired_train") + feedback, cfg.max_length, "unpaired_train",
                              params.seed, cut["train"])
     eval_set = unpaired_set(tok, read_unpaired(root, "unpaired_eval"), cfg.max_length, "unpaired_eval",

@@ -147,3 +147,12 @@ def micro_pipeline(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=scratch_env(root), check=True,
                    capture_output=True, timeout=900)
     return root
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

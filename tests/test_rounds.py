@@ -10,13 +10,20 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FakeRun
+from conftest import FakeRun, free_port
 
 import tasks.rank
 from instructflow.config import load_params
 from instructflow.errors import ConfigError, InstructflowError
 from tasks.generate import candidate_prompts, round_slice
-from tasks.rank import mean_positions, pair_count, ranked_row, score_tiers, tiers_by_key, verifier_tiers
+from tasks.rank import (
+    mean_positions,
+    pair_count,
+    ranked_row,
+    score_tiers,
+    tiers_by_key,
+    verifier_tiers,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +179,14 @@ def mlflow_client(root: Path):
     return mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
 
 
+def metrics_by_round(root: Path, stage: str) -> dict[str, dict]:
+    """The metrics of the stage's MLflow runs that the rounds made, by their `instructflow.round` tag."""
+    client = mlflow_client(root)
+    runs = client.search_runs([client.get_experiment_by_name("instructflow").experiment_id],
+                              f"tags.`instructflow.stage` = '{stage}' and tags.`instructflow.round` != ''")
+    return {r.data.tags["instructflow.round"]: r.data.metrics for r in runs}
+
+
 @pytest.mark.e2e
 def test_each_round_adds_its_rankings_to_the_feedback_tracked_by_dvc(two_rounds):
     root, _ = two_rounds
@@ -189,18 +204,12 @@ def test_each_round_adds_its_rankings_to_the_feedback_tracked_by_dvc(two_rounds)
 @pytest.mark.e2e
 def test_the_second_rounds_reward_model_has_seen_more_data(two_rounds):
     root, _ = two_rounds
-    runs = mlflow_client(root).search_runs(
-        [mlflow_client(root).get_experiment_by_name("instructflow").experiment_id],
-        "tags.`instructflow.stage` = 'reward' and tags.`instructflow.round` != ''")
-    by_round = {r.data.tags["instructflow.round"]: r.data.metrics for r in runs}
+    by_round = metrics_by_round(root, "reward")
     assert set(by_round) == {"1", "2"}
     assert by_round["1"]["feedback_rounds"] == 1 and by_round["2"]["feedback_rounds"] == 2
     assert by_round["2"]["feedback_pairs"] > by_round["1"]["feedback_pairs"] > 0
     assert by_round["2"]["train_pairs"] > by_round["1"]["train_pairs"]
-    aligned = mlflow_client(root).search_runs(
-        [mlflow_client(root).get_experiment_by_name("instructflow").experiment_id],
-        "tags.`instructflow.stage` = 'align' and tags.`instructflow.round` != ''")
-    by_round = {r.data.tags["instructflow.round"]: r.data.metrics for r in aligned}
+    by_round = metrics_by_round(root, "align")
     assert by_round["1"]["feedback_rounds"] == 1 and by_round["2"]["feedback_rounds"] == 2  # the policy trains on it
     assert by_round["2"]["train_pairs"] > by_round["1"]["train_pairs"]
 
@@ -236,10 +245,10 @@ def test_each_round_is_tagged_in_mlflow_and_in_the_registry(two_rounds):
 
 @pytest.mark.e2e
 def test_after_the_rounds_dvc_and_params_agree(two_rounds):
-    from conftest import scratch_env
-
     import subprocess
     import sys
+
+    from conftest import scratch_env
 
     root, _ = two_rounds
     params = load_params(root / "params.yaml")
@@ -252,14 +261,6 @@ def test_after_the_rounds_dvc_and_params_agree(two_rounds):
 
 
 # ------------------------------------------------------------------------------------------ people, in a flow
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_rank_method_human_pauses_the_flow_until_the_page_has_every_ranking(tmp_path):
     """wait_for_people in a real Prefect flow run: the flow pauses, the page (a subprocess) takes the rankings over
     HTTP, writes the labels file and resumes the paused run, which then finds the labels complete."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import mlflow
 import pytest
 import requests
 import torch
-from conftest import sqlite_store
+from conftest import free_port, sqlite_store
 from helpers_tokenizer import make_test_tokenizer
 from mlflow.exceptions import MlflowException
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -23,7 +22,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from models.generate import generate
 from models.tokenizer import CHAT_TEMPLATE, encode_prompt, load_tokenizer
 from tasks.registry import log_and_register
-from tasks.serving import DEFAULT_MAX_NEW_TOKENS, ChatPolicy, check_messages, sampling_params
+from tasks.serving import (
+    DEFAULT_MAX_NEW_TOKENS,
+    ChatPolicy,
+    check_messages,
+    sampling_params,
+)
 
 NAME = "test-policy"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I really liked this movie."}]
@@ -159,12 +163,6 @@ def test_predict_refuses_bad_input_with_an_mlflow_400(ours):
 
 # ---------------------------------------------------------------------------------------------------
 # The registered policy, served by `mlflow models serve`
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
