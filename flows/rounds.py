@@ -50,6 +50,7 @@ OUT_DIR = "rounds"
 BEFORE = ("prepare", "tokenizer", "pretrain", "sft", "reward", "align", "generate")  # a round's first half
 AFTER = ("reward", "align", "evaluate", "register")  # once the round's rankings are in the feedback
 ROUND_FILE = re.compile(r"round_(\d+)\.jsonl$")
+PAGE_START_TIMEOUT_S = 120  # the labelling page must print its address within this
 
 
 def done_rounds(root: Path, feedback_dir: str) -> list[int]:
@@ -197,31 +198,68 @@ def wait_for_people(root: Path, params, round_: int, logger) -> None:
 
     if complete():
         return
-    flow_run_id = str(get_run_context().flow_run.id)
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import NotPausedError
+    from prefect.flow_runs import resume_flow_run
+
+    flow_run_id = get_run_context().flow_run.id
+    with get_client(sync_client=True) as client:  # this run's API (the temporary server's when none is set)
+        api_url = str(client.api_url).rstrip("/")
     cmd = [sys.executable, "-m", "apps.cli", "label", str(samples), "--export-on-complete", str(labels),
-           "--resume-flow-run", flow_run_id]
-    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "COLUMNS": "200"}, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    url = ""
-    for line in server.stdout:  # the page announces its address (a free port when label.port is 0)
-        if "ranking page:" in line:
-            url = line.split("ranking page:", 1)[1].split()[0]
-            break
-    if not url:
-        raise InstructflowError(f"round {round_}: the labelling page did not start (exit {server.wait()}): "
-                                f"{' '.join(cmd)}")
-    threading.Thread(target=lambda: [logger.info("label: %s", line.rstrip()) for line in server.stdout],
-                     daemon=True).start()
+           "--resume-flow-run", str(flow_run_id)]
+    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "COLUMNS": "200", "PREFECT_API_URL": api_url},
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              bufsize=1)
+    announced = threading.Event()
+    url: list[str] = []
+    tail: list[str] = []
+    stopping = threading.Event()
+    exited: list[int] = []
+
+    def read_page() -> None:  # the page's output goes to the flow's log; its first "ranking page:" line is its URL
+        for line in server.stdout:
+            tail[:] = [*tail[-19:], line.rstrip()]
+            logger.info("label: %s", line.rstrip())
+            if not url and "ranking page:" in line:
+                url.append(line.split("ranking page:", 1)[1].split()[0])
+                announced.set()
+        announced.set()
+
+    def watch_page() -> None:
+        """Once the page has stopped (done, or died), the paused run must go on: resume it until the pause ends
+        (the page's own resume may have come first, or the run may not be paused yet)."""
+        code = server.wait()
+        if stopping.is_set():
+            return
+        exited.append(code)
+        while not stopping.wait(1):
+            try:
+                resume_flow_run(flow_run_id)
+            except NotPausedError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - the run then waits for a person or its timeout
+                logger.warning("round %d: could not resume the paused run after the page stopped: %s", round_, exc)
+                return
+
+    threading.Thread(target=read_page, daemon=True).start()
     try:
+        if not announced.wait(PAGE_START_TIMEOUT_S) or not url:
+            raise InstructflowError(f"round {round_}: the labelling page did not start within {PAGE_START_TIMEOUT_S}"
+                                    f" s (exit {server.poll()}): {' '.join(cmd)}\n" + "\n".join(tail))
+        threading.Thread(target=watch_page, daemon=True).start()
         logger.info("round %d: %d prompts wait for people: rank them at %s (the flow resumes once they are done)",
-                    round_, len(generation.groups), url)
+                    round_, len(generation.groups), url[0])
         pause_flow_run(timeout=params.loop.human_timeout_s, poll_interval=2, key=f"round-{round_}-labels")
     finally:
+        stopping.set()
         server.terminate()
         try:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+    if exited and not complete():
+        raise InstructflowError(f"round {round_}: the labelling page stopped (exit {exited[0]}) before every prompt "
+                                f"of {samples} was ranked: {' '.join(cmd)}\n" + "\n".join(tail))
     if not complete():
         raise InstructflowError(f"round {round_}: the flow was resumed but {labels} does not rank every prompt of "
                                 f"{samples} ({params.label.min_rankings} ranking(s) each)")

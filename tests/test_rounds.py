@@ -279,6 +279,7 @@ def test_rank_method_human_pauses_the_flow_until_the_page_has_every_ranking(tmp_
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["label"]["port"] = port
     raw["rank"]["method"] = "human"
+    raw["loop"]["human_timeout_s"] = 60  # a missed resume fails the test in a minute (the default waits a day)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     samples = write_samples(tmp_path, [("1+1?", ["2", "3", "4"], "2"), ("2+2?", ["4", "5"], "4")])
     params = load_params(tmp_path / "params.yaml", ["loop.enabled=true", "loop.round=1"])
