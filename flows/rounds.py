@@ -206,8 +206,10 @@ def wait_for_people(root: Path, params, round_: int, logger) -> None:
     with get_client(sync_client=True) as client:  # this run's API (the temporary server's when none is set)
         api_url = str(client.api_url).rstrip("/")
     cmd = [sys.executable, "-m", "apps.cli", "label", str(samples), "--export-on-complete", str(labels),
-           "--resume-flow-run", str(flow_run_id)]
-    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "COLUMNS": "200", "PREFECT_API_URL": api_url},
+           "--resume-flow-run", str(flow_run_id), "--root", str(root)]
+    # this project's params (label.port ...) and this run's API, whatever the process's environment says
+    env = {**os.environ, "COLUMNS": "200", "PREFECT_API_URL": api_url, "INSTRUCTFLOW_ROOT": str(root)}
+    server = subprocess.Popen(cmd, cwd=root, env=env,
                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1)
     announced = threading.Event()

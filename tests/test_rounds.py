@@ -261,9 +261,11 @@ def test_after_the_rounds_dvc_and_params_agree(two_rounds):
 
 
 # ------------------------------------------------------------------------------------------ people, in a flow
-def test_rank_method_human_pauses_the_flow_until_the_page_has_every_ranking(tmp_path):
+def test_rank_method_human_pauses_the_flow_until_the_page_has_every_ranking(tmp_path, monkeypatch):
     """wait_for_people in a real Prefect flow run: the flow pauses, the page (a subprocess) takes the rankings over
-    HTTP, writes the labels file and resumes the paused run, which then finds the labels complete."""
+    HTTP, writes the labels file and resumes the paused run, which then finds the labels complete. The page serves
+    this project's label.port even when the process's INSTRUCTFLOW_ROOT names another project (as it did in CI,
+    where an in-process pipeline run had set it and the page then listened where nobody posted)."""
     import threading
     import time
     import urllib.request
@@ -275,6 +277,7 @@ def test_rank_method_human_pauses_the_flow_until_the_page_has_every_ranking(tmp_
     from flows.rounds import wait_for_people
     from instructflow.feedback import read_generation, read_labels
 
+    monkeypatch.setenv("INSTRUCTFLOW_ROOT", str(ROOT))  # another project: its label.port is not this one's
     port = free_port()
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["label"]["port"] = port
