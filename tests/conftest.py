@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -137,16 +138,36 @@ def cli(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout)
 
 
+TWICE = """
+import json, sys
+from prefect.testing.utilities import prefect_test_harness
+from flows.pipeline import pipeline
+with prefect_test_harness(server_startup_timeout=120):
+    runs = [pipeline(root=sys.argv[1]) for _ in range(2)]
+print("RESULTS " + json.dumps(runs, default=str))
+"""
+
+
 @pytest.fixture(scope="session")
-def micro_pipeline(tmp_path_factory) -> Path:
-    """A scratch micro project whose pipeline has run once (`dvc repro`: every stage up to date, one registered
-    version), shared by the modules that run commands on a trained project (compare, then rounds): each leaves
-    it as it found it or runs last on it."""
-    root = copy_project(tmp_path_factory.mktemp("micro_pipeline"), "micro")
-    assert cli(root, "dvc-yaml").returncode == 0  # as `run` does first (the stage table may be ahead of dvc.yaml)
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=scratch_env(root), check=True,
-                   capture_output=True, timeout=900)
-    return root
+def trained_project(tmp_path_factory) -> tuple[Path, list, list]:
+    """A scratch micro project with both tracks on whose pipeline flow has run twice under Prefect's test harness
+    (every stage ran once, then all were skipped; one registered version of each model), and the two runs' stage
+    results. The slowest thing in the suite, so one serves every module that needs a trained project: compare,
+    pipeline_e2e, then rounds. Each leaves it as it found it (`dvc status` clean, params.yaml as it was), or runs
+    last on it (rounds). The flow runs in a process of its own (the copy's code; nothing it sets, such as
+    INSTRUCTFLOW_ROOT or MLflow's tracking URI, leaks into the tests)."""
+    root = copy_project(tmp_path_factory.mktemp("trained"), "micro", tracks={"encoder": True})
+    done = subprocess.run([sys.executable, "-c", TWICE, str(root)], cwd=root, env=scratch_env(root),
+                          capture_output=True, text=True, timeout=1500)
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and results, done.stdout[-6000:] + done.stderr[-6000:]
+    first, second = json.loads(results[-1].removeprefix("RESULTS "))
+    return root, first, second
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(trained_project) -> Path:
+    return trained_project[0]
 
 
 def free_port() -> int:

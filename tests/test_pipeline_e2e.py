@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_project
 
 pytestmark = pytest.mark.e2e
 
@@ -24,23 +23,16 @@ OPTIONAL = ["self_instruct", "generate", "rank"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = copy_project(tmp_path_factory.mktemp("project"), "micro", tracks={"encoder": True})
-    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
+def project(trained_project):
+    """The session's trained project (conftest.py), with this module's MLflow store as the tracking URI."""
+    root = trained_project[0]
+    old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import pipeline
-
-    with prefect_test_harness(server_startup_timeout=120):
-        first = pipeline(root=str(root))
-        second = pipeline(root=str(root))
-    yield root, first, second
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield trained_project
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def statuses(results):
