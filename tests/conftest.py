@@ -148,19 +148,54 @@ print("RESULTS " + json.dumps(runs, default=str))
 """
 
 
+TRAINED = "trained_project"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests on the trained project run last, in their order: it trains in the background (a process of its
+    own on the other core) while the others run."""
+    needs = [TRAINED in getattr(item, "fixturenames", ()) for item in items]
+    items[:] = [item for item, need in zip(items, needs) if not need] + [i for i, need in zip(items, needs) if need]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _trained_in_background(request, tmp_path_factory):
+    """Starts the trained project's pipeline runs at the start of the session when a selected test needs it."""
+    if not any(TRAINED in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    import torch
+
+    root = copy_project(tmp_path_factory.mktemp("trained"), "micro", tracks={"encoder": True})
+    log = root.parent / "trained.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", TWICE, str(root)], cwd=root, env=scratch_env(root),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core each: the tests here, the pipeline there
+    yield root, proc, log
+    torch.set_num_threads(threads)
+    if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
-def trained_project(tmp_path_factory) -> tuple[Path, list, list]:
+def trained_project(_trained_in_background) -> tuple[Path, list, list]:
     """A scratch micro project with both tracks on whose pipeline flow has run twice under Prefect's test harness
     (every stage ran once, then all were skipped; one registered version of each model), and the two runs' stage
     results. The slowest thing in the suite, so one serves every module that needs a trained project: compare,
     pipeline_e2e, then rounds. Each leaves it as it found it (`dvc status` clean, params.yaml as it was), or runs
-    last on it (rounds). The flow runs in a process of its own (the copy's code; nothing it sets, such as
-    INSTRUCTFLOW_ROOT or MLflow's tracking URI, leaks into the tests)."""
-    root = copy_project(tmp_path_factory.mktemp("trained"), "micro", tracks={"encoder": True})
-    done = subprocess.run([sys.executable, "-c", TWICE, str(root)], cwd=root, env=scratch_env(root),
-                          capture_output=True, text=True, timeout=1500)
-    results = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and results, done.stdout[-6000:] + done.stderr[-6000:]
+    last on it (rounds). The flow runs in a process of its own, started with the session (the copy's code;
+    nothing it sets, such as INSTRUCTFLOW_ROOT or MLflow's tracking URI, leaks into the tests)."""
+    root, proc, log = _trained_in_background
+    try:
+        code = proc.wait(timeout=1500)
+    except subprocess.TimeoutExpired:
+        code = None
+    text = log.read_text()
+    results = [line for line in text.splitlines() if line.startswith("RESULTS ")]
+    assert code == 0 and results, f"the trained project's pipeline runs: exit {code}\n{text[-8000:]}"
     first, second = json.loads(results[-1].removeprefix("RESULTS "))
     return root, first, second
 
