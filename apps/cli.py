@@ -570,7 +570,7 @@ def label(
 ) -> None:
     """LABEL_HELP: the ranking page (apps/label.py)."""
     project = _root(root)
-    from apps.label import LabelSettings, export_labels, serve as serve_page
+    from apps.label import ANNOUNCE, LabelSettings, export_labels, serve as serve_page
     from instructflow.config import LabelConfig
     from instructflow.feedback import read_generation
 
@@ -590,7 +590,7 @@ def label(
                       f"{escape(str(store_path))}", highlight=False, soft_wrap=True)
 
         def announce(url: str) -> None:
-            console.print(f"ranking page: {escape(url)}  (agreement: {escape(url.split('?')[0])}stats; Ctrl-C "
+            console.print(f"{ANNOUNCE} {escape(url)}  (agreement: {escape(url.split('?')[0])}stats; Ctrl-C "
                           "stops)", highlight=False, soft_wrap=True)
             sys.stdout.flush()  # a script waiting for the URL on a pipe
 

@@ -487,6 +487,15 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+ANNOUNCE = "ranking page:"  # `instructflow label` prints this, then the page's URL, once it listens
+
+
+def announced_url(line: str) -> str | None:
+    """The page's URL if `line` is the announcement `instructflow label` prints once it listens, else None."""
+    head, found, rest = line.partition(ANNOUNCE)
+    return rest.split()[0] if found and not head.strip() and rest.split() else None
+
+
 def page_url(host: str, port: int, token: str | None = None) -> str:
     shown = f"[{host}]" if ":" in host else host
     shown = "127.0.0.1" if shown in ("0.0.0.0", "[::]") else shown

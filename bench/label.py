@@ -40,6 +40,8 @@ from instructflow import env  # noqa: E402
 
 env.setup(ROOT)
 
+from apps.label import announced_url  # noqa: E402
+
 
 def write_generation(path: Path, prompts: int, k: int) -> None:
     with path.open("w") as fh:
@@ -58,8 +60,8 @@ def start_page(samples: Path, min_rankings: int) -> tuple[subprocess.Popen, str,
     said = []
     for line in proc.stdout:
         said.append(line)
-        if "ranking page:" in line:
-            url = line.split("ranking page:", 1)[1].split()[0]
+        url = announced_url(line)
+        if url:
             host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             return proc, host, int(port)
@@ -89,8 +91,9 @@ def annotator(name: str, host: str, port: int, k: int, rankings: int, seed: int,
         start = time.perf_counter()
         status, served = call("GET", f"/api/next?annotator={name}")
         fetches.append(time.perf_counter() - start)
+        if status != 200:
+            errors.append(f"next: {status} {served}")
         if status != 200 or served.get("prompt_index") is None:
-            errors.append(f"next: {status} {served}") if status != 200 else None
             break
         order = list(range(k))
         rng.shuffle(order)

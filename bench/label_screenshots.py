@@ -34,6 +34,8 @@ from instructflow import env  # noqa: E402
 
 env.setup(ROOT)
 
+from apps.label import announced_url  # noqa: E402
+
 PROMPTS = [
     ("What is 17 + 25?", ["42", "42, since 17 + 25 = 42.", "41", "The answer is 52."]),
     ("Translate 'cat' into Korean.", ["고양이", "개", "The Korean word for cat is 고양이.", "cat"]),
@@ -91,7 +93,7 @@ def main() -> int:
                                  "--min-rankings", "2", "--root", str(ROOT)], cwd=ROOT,
                                 env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        url = next(line.split("ranking page:", 1)[1].split()[0] for line in page.stdout if "ranking page:" in line)
+        url = next(filter(None, map(announced_url, page.stdout)))
         ana, ben = browser(binary, driver_path), browser(binary, driver_path)
         shots = []
         try:

@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,28 +203,29 @@ def wait_for_people(root: Path, params, round_: int, logger) -> None:
     from prefect.exceptions import NotPausedError
     from prefect.flow_runs import resume_flow_run
 
+    from apps.label import announced_url
+
     flow_run_id = get_run_context().flow_run.id
     with get_client(sync_client=True) as client:  # this run's API (the temporary server's when none is set)
         api_url = str(client.api_url).rstrip("/")
+    # --root: this project's params (label.port ...) whatever INSTRUCTFLOW_ROOT says; the API: this run's
     cmd = [sys.executable, "-m", "apps.cli", "label", str(samples), "--export-on-complete", str(labels),
            "--resume-flow-run", str(flow_run_id), "--root", str(root)]
-    # this project's params (label.port ...) and this run's API, whatever the process's environment says
-    env = {**os.environ, "COLUMNS": "200", "PREFECT_API_URL": api_url, "INSTRUCTFLOW_ROOT": str(root)}
-    server = subprocess.Popen(cmd, cwd=root, env=env,
+    server = subprocess.Popen(cmd, cwd=root, env={**os.environ, "COLUMNS": "200", "PREFECT_API_URL": api_url},
                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1)
     announced = threading.Event()
     url: list[str] = []
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=20)  # the page's last lines, for an error
     stopping = threading.Event()
     exited: list[int] = []
 
-    def read_page() -> None:  # the page's output goes to the flow's log; its first "ranking page:" line is its URL
+    def read_page() -> None:  # the page's output goes to the flow's log; its announcement gives its URL
         for line in server.stdout:
-            tail[:] = [*tail[-19:], line.rstrip()]
+            tail.append(line.rstrip())
             logger.info("label: %s", line.rstrip())
-            if not url and "ranking page:" in line:
-                url.append(line.split("ranking page:", 1)[1].split()[0])
+            if not url and (found := announced_url(line)):
+                url.append(found)
                 announced.set()
         announced.set()
 
@@ -259,10 +261,10 @@ def wait_for_people(root: Path, params, round_: int, logger) -> None:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
-    if exited and not complete():
-        raise InstructflowError(f"round {round_}: the labelling page stopped (exit {exited[0]}) before every prompt "
-                                f"of {samples} was ranked: {' '.join(cmd)}\n" + "\n".join(tail))
     if not complete():
+        if exited:
+            raise InstructflowError(f"round {round_}: the labelling page stopped (exit {exited[0]}) before every "
+                                    f"prompt of {samples} was ranked: {' '.join(cmd)}\n" + "\n".join(tail))
         raise InstructflowError(f"round {round_}: the flow was resumed but {labels} does not rank every prompt of "
                                 f"{samples} ({params.label.min_rankings} ranking(s) each)")
 

@@ -148,20 +148,20 @@ print("RESULTS " + json.dumps(runs, default=str))
 """
 
 
-TRAINED = "trained_project"
+def needs_trained(item) -> bool:
+    return "trained_project" in getattr(item, "fixturenames", ())
 
 
 def pytest_collection_modifyitems(config, items):
     """The tests on the trained project run last, in their order: it trains in the background (a process of its
     own on the other core) while the others run."""
-    needs = [TRAINED in getattr(item, "fixturenames", ()) for item in items]
-    items[:] = [item for item, need in zip(items, needs) if not need] + [i for i, need in zip(items, needs) if need]
+    items.sort(key=needs_trained)  # stable: each group keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _trained_in_background(request, tmp_path_factory):
     """Starts the trained project's pipeline runs at the start of the session when a selected test needs it."""
-    if not any(TRAINED in getattr(item, "fixturenames", ()) for item in request.session.items):
+    if not any(map(needs_trained, request.session.items)):
         yield None
         return
     import torch

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT
 from typer.testing import CliRunner
 
-from apps.label import LabelSettings, LabelStore, create_app, progress
+from apps.label import LabelSettings, LabelStore, announced_url, create_app, progress
 from instructflow.config import LabelConfig, load_params
 from instructflow.errors import ConfigError, DataError
 from instructflow.feedback import Label, read_generation, read_labels
@@ -314,8 +314,8 @@ class Server:
                     break
                 continue
             seen.append(line)
-            if line.startswith("ranking page: "):
-                self.url = line.split()[2]
+            if announced_url(line):
+                self.url = announced_url(line)
                 self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
                 return self
         self.stop()

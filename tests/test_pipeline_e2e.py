@@ -25,14 +25,9 @@ OPTIONAL = ["self_instruct", "generate", "rank"]
 @pytest.fixture(scope="module")
 def project(trained_project):
     """The session's trained project (conftest.py), with this module's MLflow store as the tracking URI."""
-    root = trained_project[0]
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    yield trained_project
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained_project[0] / 'mlflow.db'}")
+        yield trained_project
 
 
 def statuses(results):
