@@ -8,8 +8,9 @@
   flow it starts) share the lock.
 - **Preflight.** Params are validated by instructflow/config.py; `preflight` then reads every file listed in
   `prepare.sources` through the same readers `prepare` uses, and checks that every data file the stages read
-  from outside the pipeline exists. A problem stops the command with its message before DVC removes any
-  output (DVC removes a stage's outputs before it runs the stage's command).
+  from outside the pipeline exists; first, the MLflow and Prefect servers the environment names must answer and
+  take this process's credentials (instructflow/servers.py). A problem stops the command with its message before
+  DVC removes any output (DVC removes a stage's outputs before it runs the stage's command).
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def preflight(root: Path, params, stages: Iterable[str]) -> None:
     a stage reads that no stage makes must exist. Stages whose track is off are not checked.
     """
     from instructflow.data import load_source
+    from instructflow.servers import check_services
     from tasks.prepare import user_source
 
+    check_services()  # the MLflow and Prefect servers the environment names: up, and taking our credentials
     stages = [s for s in stages if params.chosen(s)]
     key = (str(root), params.digest(), tuple(stages),
            tuple(_stat(root, source.path) for source in params.prepare.sources))
