@@ -44,7 +44,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def experiment_id(name: str, root: Path) -> str:
-    """The experiment, created with its artifacts in the project's mlartifacts/ folder.
+    """The experiment, created with its artifacts in the project's mlartifacts/ folder (on a tracking server: in
+    the server's artifact store).
 
     An experiment found in the store must keep its artifacts where this checkout may write them: on a server
     (`mlflow-artifacts:`, s3, gs, ...) or in this project's folder. A store shared by two clones (one sqlite
@@ -54,6 +55,8 @@ def experiment_id(name: str, root: Path) -> str:
     if found is not None:
         check_artifact_home(found.name, found.artifact_location, root)
         return found.experiment_id
+    if urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https"):  # a tracking server: its artifact store
+        return mlflow.create_experiment(name)  # (mlflow-artifacts:/, proxied), which every client can read
     return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri())
 
 

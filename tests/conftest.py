@@ -43,6 +43,7 @@ def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) 
 def pytest_configure(config):
     # (here, not in pyproject.toml: editing that file makes `make` reinstall the venv)
     config.addinivalue_line("markers", "faults: signals and kills sent to real pipeline processes, micro preset (slow)")
+    config.addinivalue_line("markers", "servers: PostgreSQL, Prefect, MLflow and S3 servers started on loopback (slow)")
 
 
 class FakeRun:
@@ -212,3 +213,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """The shared servers on loopback, started once for the session (tests/servers.py: PostgreSQL, Prefect and
+    MLflow on it, an S3 store): a `servers.Stack` with their URLs and `env`, the variables a client sets. Skips,
+    saying what to install, only when PostgreSQL's package is missing (`sh infra/system-packages.sh`)."""
+    from servers import Unavailable, server_stack
+
+    try:
+        with server_stack(tmp_path_factory.mktemp("servers")) as stack:
+            yield stack
+    except Unavailable as exc:
+        pytest.skip(str(exc))
