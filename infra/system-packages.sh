@@ -1,10 +1,11 @@
 #!/bin/sh
 # The system packages the test suite needs beyond .venv: Chromium and its WebDriver, from Debian's packages, for
-# the labelling page's browser tests (tests/test_label.py drives `instructflow label` through Selenium).
+# the labelling page's browser tests (tests/test_label.py drives `instructflow label` through Selenium), and
+# PostgreSQL's server, which tests/servers.py starts on loopback under Prefect and MLflow (tests/test_servers.py).
 # Idempotent: installs only what is missing, with sudo when not root; says what to do when it cannot.
 set -eu
 
-PACKAGES="chromium chromium-driver"
+PACKAGES="chromium chromium-driver postgresql"
 
 installed() {  # a Debian package, installed
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -15,11 +16,12 @@ if command -v dpkg-query >/dev/null 2>&1; then
     for package in $PACKAGES; do
         installed "$package" || missing="$missing $package"
     done
-elif command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; then
-    missing=""  # not Debian, but a Chromium and its driver are on PATH already
+elif command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } \
+     && command -v initdb >/dev/null 2>&1; then
+    missing=""  # not Debian, but a Chromium and its driver and PostgreSQL's server are on PATH already
 else
     echo "infra/system-packages.sh: not a Debian-like system (no dpkg): install Chromium and chromedriver" \
-         "(the same major version) yourself and put them on PATH" >&2
+         "(the same major version) and PostgreSQL's server (initdb, postgres) yourself and put them on PATH" >&2
     exit 1
 fi
 if [ -z "$missing" ]; then
