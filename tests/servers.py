@@ -50,7 +50,8 @@ MLFLOW_BUCKET, DVC_BUCKET = "mlflow", "dvc"
 SOURCE_REGEX = r"^(models:/m-[0-9a-f]+$|runs:/[0-9a-f]+/|mlflow-artifacts:/)"
 # variables of the caller's environment that would point a server or client elsewhere
 FOREIGN = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID",
-           "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "INSTRUCTFLOW_PARENT_RUN_ID",
+           "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+           "INSTRUCTFLOW_PARENT_RUN_ID",
            "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
 
@@ -75,6 +76,23 @@ def postgres_bin() -> Path:
                       "`sh infra/system-packages.sh` (apt-get install postgresql)")
 
 
+def _own_folder(prefix: str, exits: ExitStack) -> Path:
+    """A new folder in the system temp dir, removed on the way out; it records its owner's PID, so that a folder
+    left by a process killed outright (SIGKILL, where no cleanup runs) is removed by the next stack."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            pid = int((stale / "owner.pid").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (OSError, ValueError):  # no pid yet (being created), or not ours to signal: leave it
+            pass
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    (folder / "owner.pid").write_text(str(os.getpid()))
+    exits.callback(shutil.rmtree, folder, True)
+    return folder
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the process that started it dies (Linux PR_SET_PDEATHSIG)."""
     try:
@@ -96,17 +114,34 @@ class Server:
         except OSError:
             return "(no log)"
 
+    def signal(self) -> None:
+        """Ask its process group to stop (no wait)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, self.stop_signal)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 15) -> None:
-        if self.proc.poll() is not None:
-            return
+        """Stop its process group: the stop signal, then SIGKILL after `timeout` seconds."""
+        self.signal()
         try:
-            os.killpg(self.proc.pid, self.stop_signal)
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
-        except ProcessLookupError:
-            self.proc.wait()
+
+
+def stop_all(servers: list[Server]) -> None:
+    """Stop the clients of PostgreSQL together (each takes a few seconds to drain), then PostgreSQL."""
+    clients = [s for s in servers if s.name != "postgres"]
+    for server in clients:
+        server.signal()
+    for server in (*clients, *(s for s in servers if s.name == "postgres")):
+        server.stop()
 
 
 @dataclass
@@ -120,6 +155,7 @@ class Stack:
     s3_endpoint: str
     env: dict[str, str]
     servers: list[Server] = field(default_factory=list)
+    _starter: "_Starter | None" = field(default=None, repr=False)
 
     @property
     def dvc_remote_url(self) -> str:
@@ -135,6 +171,16 @@ class Stack:
 
     def server(self, name: str) -> Server:
         return next(s for s in self.servers if s.name == name)
+
+    def worker(self, pool: str, cwd: Path, env: dict[str, str] | None = None, worker_type: str = "process") -> Server:
+        """A Prefect worker polling `pool` (created if missing) from `cwd`, stopped with the stack (before the
+        servers it talks to); `env` is added to the stack's client variables."""
+        env = {**self._starter.base_env, **self.env, **(env or {})}
+        server = self._starter.spawn(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                                                        "--type", worker_type], env, cwd=cwd)
+        _wait(server, lambda: "started!" in server.log.read_text(errors="replace"),  # "Worker '...' started!"
+              f"the worker for pool {pool!r}", 90)
+        return server
 
 
 def _wait(server: Server, ready, what: str, timeout: float) -> None:
@@ -160,8 +206,8 @@ def _http_ok(url: str) -> bool:
 
 
 class _Starter:
-    def __init__(self, folder: Path, stack: ExitStack):
-        self.folder, self.exits = folder, stack
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.servers: list[Server] = []
         self.base_env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
         self.base_env.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
@@ -179,10 +225,11 @@ class _Starter:
                                     **ids)
         server = Server(name, proc, log, stop_signal)
         self.servers.append(server)
-        self.exits.callback(server.stop)  # stopped in reverse order: clients of PostgreSQL before it
         return server
 
-    def postgres(self, password: str) -> str:
+    def postgres(self, password: str, home: Path) -> str:
+        """PostgreSQL with its data in `home` (a folder of its own under the system temp dir: pytest's folders are
+        private to their user, and the server's user must reach its data)."""
         bindir = postgres_bin()
         user = None
         if os.geteuid() == 0:  # PostgreSQL refuses root: the package's system user runs it
@@ -191,9 +238,6 @@ class _Starter:
             except KeyError:
                 raise Unavailable("no `postgres` system user to run PostgreSQL as (we are root): run "
                                   "`sh infra/system-packages.sh` (apt-get install postgresql)") from None
-        # its own folder under the system temp dir: pytest's are private to root, and postgres must reach its data
-        home = Path(tempfile.mkdtemp(prefix="instructflow-pg-"))
-        self.exits.callback(shutil.rmtree, home, True)
         data, pwfile = home / "data", home / "pw"
         pwfile.write_text(password)
         if user:
@@ -277,18 +321,21 @@ def server_stack(folder: Path | None = None) -> Iterator[Stack]:
     """Start the stack (about 15-25 s on 2 cores); stop every server on the way out, whatever happens."""
     with ExitStack() as exits:
         if folder is None:
-            folder = Path(tempfile.mkdtemp(prefix="instructflow-servers-"))
-            exits.callback(shutil.rmtree, folder, True)
+            folder = _own_folder("instructflow-servers-", exits)
         folder.mkdir(parents=True, exist_ok=True)
-        starter = _Starter(folder, exits)
+        pg_home = _own_folder("instructflow-pg-", exits)
+        starter = _Starter(folder)
+        exits.callback(stop_all, starter.servers)  # first on the way out: the servers, then their folders
         atexit.register(exits.close)  # a run that ends without unwinding (sys.exit in a thread, ...) still stops them
-        secret = {name: secrets.token_urlsafe(18) for name in ("pg", "prefect", "mlflow", "flask", "s3_key", "s3_secret")}
-        pg = starter.postgres(secret["pg"])
+        names = ("pg", "prefect", "mlflow", "flask", "s3_key", "s3_secret")
+        secret = {name: secrets.token_urlsafe(18) for name in names}
+        pg = starter.postgres(secret["pg"], pg_home)
         s3 = starter.s3(secret["s3_key"], secret["s3_secret"])
         prefect_auth = f"instructflow:{secret['prefect']}"
         # Prefect and MLflow start side by side: each takes 10-20 s, mostly imports and database migrations
         prefect, prefect_url = starter.prefect(pg, prefect_auth)
-        mlflow, mlflow_url = starter.mlflow(pg, secret["mlflow"], secret["flask"], s3, secret["s3_key"], secret["s3_secret"])
+        mlflow, mlflow_url = starter.mlflow(pg, secret["mlflow"], secret["flask"], s3, secret["s3_key"],
+                                            secret["s3_secret"])
         _wait(prefect, lambda: _http_ok(f"{prefect_url}/health"), f"the Prefect API on {prefect_url}", 120)
         _wait(mlflow, lambda: _http_ok(f"{mlflow_url}/health"), f"the MLflow server on {mlflow_url}", 120)
         env = {"PREFECT_API_URL": prefect_url, "PREFECT_API_AUTH_STRING": prefect_auth,
@@ -296,13 +343,19 @@ def server_stack(folder: Path | None = None) -> Iterator[Stack]:
                "MLFLOW_TRACKING_PASSWORD": secret["mlflow"],
                "AWS_ACCESS_KEY_ID": secret["s3_key"], "AWS_SECRET_ACCESS_KEY": secret["s3_secret"],
                "AWS_DEFAULT_REGION": "us-east-1"}
-        yield Stack(folder, pg, prefect_url, mlflow_url, s3, env, starter.servers)
+        yield Stack(folder, pg, prefect_url, mlflow_url, s3, env, starter.servers, starter)
     atexit.unregister(exits.close)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     from contextlib import suppress
 
+    for signum in (signal.SIGINT, signal.SIGTERM):  # (a shell's background job starts with SIGINT ignored)
+        signal.signal(signum, _interrupt)
     with server_stack() as stack, suppress(KeyboardInterrupt):
         print("# the servers are up; in another shell:")
         for key, value in stack.env.items():

@@ -69,6 +69,13 @@ def test_prefect_server_answers_with_its_auth_string_refuses_without_and_keeps_s
     assert _query(servers, "prefect", "SELECT type FROM work_pool WHERE name = %s", "cpu-test") == [("process",)]
 
 
+def test_a_worker_the_harness_starts_polls_its_pool_through_the_auth(servers, tmp_path):
+    worker = servers.worker("cpu-harness", cwd=tmp_path)
+    assert worker.proc.poll() is None
+    assert _query(servers, "prefect", "SELECT p.type FROM worker w JOIN work_pool p ON w.work_pool_id = p.id "
+                  "WHERE p.name = %s", "cpu-harness") == [("process",)]
+
+
 # ---- MLflow -------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -131,7 +138,8 @@ def test_registered_model_loads_from_the_server_with_credentials_and_is_refused_
     finally:
         mlflow.set_tracking_uri(None)
     # the artifacts sit in the S3 store behind the server; the run and the version in PostgreSQL
-    assert any(key.startswith("artifacts/") and key.endswith("model.safetensors") for key in _s3_keys(servers, "mlflow"))
+    keys = _s3_keys(servers, "mlflow")
+    assert any(key.startswith("artifacts/") and key.endswith("model.safetensors") for key in keys)
     assert _query(servers, "mlflow", "SELECT version FROM model_versions WHERE name = %s",
                   "instructflow-policy") == [(int(version.version),)]
     assert _query(servers, "mlflow", "SELECT artifact_uri FROM runs WHERE run_uuid = %s",
@@ -212,7 +220,8 @@ def test_dvc_push_sends_every_output_to_the_s3_remote_and_a_fresh_clone_pulls_th
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     servers.dvc_remote(clone)
-    pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "prepare"], cwd=clone, env={**env, "INSTRUCTFLOW_ROOT": str(clone)},
+    pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "prepare"], cwd=clone,
+                            env={**env, "INSTRUCTFLOW_ROOT": str(clone)},
                             capture_output=True, text=True, timeout=300)
     assert pulled.returncode == 0, pulled.stderr
     for out in outs:
@@ -242,13 +251,14 @@ def _cli_stage(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_tracking_server_that_is_down_stops_the_cli_naming_the_url_and_the_variable(tmp_path):
+@pytest.mark.parametrize("variable, path", [("MLFLOW_TRACKING_URI", ""), ("PREFECT_API_URL", "/api")])
+def test_a_server_that_is_down_stops_the_cli_naming_the_url_and_the_variable(tmp_path, variable, path):
     root = copy_project(tmp_path)
-    url = f"http://127.0.0.1:{free_port()}"
-    done = _cli_stage(root, {**scratch_env(root), "MLFLOW_TRACKING_URI": url})
+    url = f"http://127.0.0.1:{free_port()}{path}"
+    done = _cli_stage(root, {**scratch_env(root), variable: url})
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
-    assert url in output and "MLFLOW_TRACKING_URI" in output and "does not answer" in output
+    assert f"{url} ({variable}) does not answer" in " ".join(output.split()) and f"set {variable}" in output
     assert "Traceback" not in output
     assert not (root / "dvc.lock").exists() and not (root / "data" / "prepared").exists()  # DVC never ran
 
@@ -322,7 +332,7 @@ def test_compose_hardens_the_servers():
     assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
     for name, service in services.items():  # published only on loopback, or behind auth
         for port in service.get("ports", []):
-            assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:") or str(port).startswith("127.0.0.1:"), (name, port)
+            assert str(port).startswith(("${BIND_ADDRESS:-127.0.0.1}:", "127.0.0.1:")), (name, port)
     for worker in ("worker-cpu",):
         assert services[worker]["environment"]["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
 
