@@ -95,7 +95,8 @@ class PrepareConfig(Section):
 class TrainConfig(Section):
     """Knobs every training stage shares."""
 
-    batch_size: int = Field(16, ge=1, description="sequences per optimiser step (per device)")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (grad_accum of them a step), over "
+                            "all processes: on N GPUs each trains its share (README, Beyond one machine)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per step: larger trades time for memory")
     max_steps: int = Field(100, ge=1, description="optimiser steps")
     lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
@@ -491,6 +492,20 @@ class TracksConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """How a training stage runs when it runs as several processes (one per visible GPU, or INSTRUCTFLOW_NPROC;
+    tasks/launch.py). Not part of the params hash: like the device, it does not say what is trained."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a whole model per process, gradients averaged; fsdp: parameters, gradients and "
+        "optimiser state sharded over the GPUs (models too large for one GPU; GPUs only)")
+    fsdp_sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = Field(
+        "FULL_SHARD", description="fsdp: FULL_SHARD saves the most memory; SHARD_GRAD_OP keeps whole parameters "
+        "between forward and backward (faster, more memory)")
+    fsdp_offload_params: bool = Field(False, description="fsdp: parameters wait on the CPU between uses: less GPU "
+                                      "memory, slower steps")
+
+
 class Params(Section):
     preset: Literal["micro", "tiny", "small"] = Field("tiny", description="model and data sizes (presets.yaml)")
     seed: int = 1234
@@ -513,6 +528,7 @@ class Params(Section):
     loop: LoopConfig = LoopConfig()
     label: LabelConfig = LabelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _verifier_needs_answers(self) -> "Params":
@@ -540,7 +556,7 @@ class Params(Section):
 
     def digest(self) -> str:
         """A short hash of the resolved params: the lineage tag of everything made with them."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        blob = json.dumps(self.model_dump(mode="json", exclude={"distributed"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

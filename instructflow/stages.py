@@ -35,6 +35,8 @@ class Stage:
     """decoder or encoder: the stage does nothing when its track is off (tracks in params.yaml)"""
     gpu: bool = False
     """wants a GPU when there is one (training and evaluation); the rest runs anywhere"""
+    multi_process: bool = False
+    """trains with models/training.py's loop: with several GPUs it runs as one process per GPU (tasks/launch.py)"""
     params: tuple[str, ...] = ()
     """params.yaml keys it reads besides preset, seed, its track and its own section"""
     preset_params: tuple[str, ...] = ()
@@ -67,13 +69,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", reads=("data/prepared",), outs=("artifacts/tokenizer",), params=("pretrain.base_model",),
           key_metrics=("vocab_size", "chars_per_token_en", "chars_per_token_ko")),
     Stage("pretrain", reads=("artifacts/tokenizer", "data/prepared"), outs=("artifacts/pretrain",),
-          track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_perplexity")),
+          track="decoder", gpu=True, multi_process=True, plots=LOSS, key_metrics=("eval_loss", "eval_perplexity")),
     Stage("sft", reads=("artifacts/pretrain", "data/prepared"), outs=("artifacts/sft",),
-          track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_perplexity")),
+          track="decoder", gpu=True, multi_process=True, plots=LOSS, key_metrics=("eval_loss", "eval_perplexity")),
     Stage("reward", reads=("artifacts/sft", "data/prepared"), outs=("artifacts/reward",),
-          track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_accuracy", "eval_loss")),
+          track="decoder", gpu=True, multi_process=True, plots=LOSS, key_metrics=("eval_accuracy", "eval_loss")),
     Stage("align", reads=("artifacts/sft", "artifacts/reward", "data/prepared"), outs=("artifacts/align",),
-          track="decoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_reward_accuracy")),
+          track="decoder", gpu=True, multi_process=True, plots=LOSS, key_metrics=("eval_loss", "eval_reward_accuracy")),
     Stage("evaluate", reads=("artifacts/align", "artifacts/sft", "artifacts/reward", "artifacts/pretrain",
                              "data/prepared"),
           outs=("reports",), track="decoder", gpu=True, params=("reward", "sft.multitask"), preset_params=("reward",),
@@ -87,12 +89,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("self_instruct", reads=("artifacts/sft", "${self_instruct.seed_path}"), outs=("data/self_instruct",),
           track="decoder", gpu=True, switch="self_instruct.enabled", key_metrics=("enabled", "kept", "keep_rate")),
     Stage("mlm", reads=("artifacts/tokenizer", "data/prepared"), outs=("artifacts/mlm",),
-          track="encoder", gpu=True, plots=LOSS, key_metrics=("eval_loss", "eval_masked_accuracy")),
+          track="encoder", gpu=True, multi_process=True, plots=LOSS, key_metrics=("eval_loss", "eval_masked_accuracy")),
     Stage("classify", reads=("artifacts/mlm", "${classify.train_path}", "${classify.test_path}"),
-          outs=("artifacts/classify",), track="encoder", gpu=True, plots=LOSS,
+          outs=("artifacts/classify",), track="encoder", gpu=True, multi_process=True, plots=LOSS,
           key_metrics=("accuracy", "macro_f1", "baseline_macro_f1")),
     Stage("similarity", reads=("artifacts/mlm", "${similarity.train_path}", "${similarity.dev_path}"),
-          outs=("artifacts/similarity",), track="encoder", gpu=True, plots=("loss", "eval_spearman"),
+          outs=("artifacts/similarity",), track="encoder", gpu=True, multi_process=True,
+          plots=("loss", "eval_spearman"),
           key_metrics=("spearman", "mlm_spearman", "tfidf_spearman", "beats_tfidf")),
     Stage("register", reads=("artifacts/align", "artifacts/reward", "metrics/evaluate.json", "artifacts/mlm",
                              "artifacts/classify", "metrics/classify.json", "artifacts/similarity",

@@ -1,8 +1,9 @@
 """The one training loop every stage uses: AdamW, warmup + cosine, clipping, bf16 autocast, checkpoints.
 
 A stage supplies a `step_fn(model, batch) -> (loss, metrics, n_tokens)`; the loop knows nothing about
-what is being learned. Accelerate runs it on one CPU, one GPU, or under `accelerate launch` on several
-GPUs (DDP/FSDP) unchanged.
+what is being learned. Accelerate runs it on one CPU, one GPU, or under `accelerate launch` (tasks/launch.py)
+as several processes (DDP; FSDP rendered, not exercised) unchanged: the batch size is the global batch, and
+each process trains its shard of every batch.
 
 Device placement lives here too: `pick_device` is the one choice of where models run (train() hands it to
 Accelerate; the stages that run a model outside train(), evaluate and align's frozen reference, move the
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from instructflow import signals
@@ -104,14 +106,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def planned_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 1,
+def planned_batches(n: int, batch_size: int, seed: int, epoch: int,
                     lengths: Sequence[int] | None = None) -> list[list[int]]:
-    """Every process's batches of one epoch, interleaved (process k takes every world-th from the k-th on).
+    """The global batches of one epoch, each of batch_size rows: the same however many processes train.
 
     A shuffle seeded by (seed, epoch), so any epoch can be rebuilt. With `lengths`, rows of similar length
     share a batch (sorted within windows of 50 batches, then the batches shuffled, as Hugging Face's
     LengthGroupedSampler does): far less padding for chat data. The last short batch is dropped when there
-    is a full one; the count is cut to a multiple of the world size, so every process gets as many.
+    is a full one. Under `accelerate launch` each process trains its `shard` of every batch.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
@@ -123,27 +125,37 @@ def planned_batches(n: int, batch_size: int, seed: int, epoch: int, world: int =
         batches.pop()
     if lengths is not None:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    usable = max(len(batches) // world, 1) * world
-    return batches[:usable]
+    return batches
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """Process `rank`'s share of one global batch: a contiguous slice; the shares of the `world` processes
+    cover the batch once, no row lost or repeated. When the batch does not divide evenly, the first
+    len(batch) % world processes take one row more (train() weights each share by its size)."""
+    if len(batch) < world:
+        raise ValueError(f"a batch of {len(batch)} rows cannot be shared by {world} processes (each needs a row)")
+    size, extra = divmod(len(batch), world)
+    start = rank * size + min(rank, extra)
+    return batch[start:start + size + (rank < extra)]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, accel: Accelerator,
                   lengths: Sequence[int] | None = None) -> list[list[int]]:
-    """This process's batches of one epoch (see planned_batches)."""
-    world = accel.num_processes
-    return planned_batches(n, batch_size, seed, epoch, world, lengths)[accel.process_index::world]
+    """This process's share of each global batch of one epoch (see planned_batches and shard)."""
+    return [shard(batch, accel.process_index, accel.num_processes)
+            for batch in planned_batches(n, batch_size, seed, epoch, lengths)]
 
 
-def rows_trained(n: int, settings: "LoopSettings", lengths: Sequence[int] | None = None, world: int = 1) -> list[int]:
+def rows_trained(n: int, settings: "LoopSettings", lengths: Sequence[int] | None = None) -> list[int]:
     """The rows `train` will draw in settings.max_steps steps, over all processes, sorted.
 
     For work done once per row before training (align's reference log-probs): only these rows need it.
     """
     remaining, epoch, seen = settings.max_steps * settings.grad_accum, 0, set()
     while remaining > 0:
-        batches = planned_batches(n, settings.batch_size, settings.seed, epoch, world, lengths)
-        take = min(remaining, len(batches) // world)  # micro-batches per process this epoch
-        seen.update(i for batch in batches[: take * world] for i in batch)
+        batches = planned_batches(n, settings.batch_size, settings.seed, epoch, lengths)
+        take = min(remaining, len(batches))  # micro-batches this epoch
+        seen.update(i for batch in batches[:take] for i in batch)
         remaining, epoch = remaining - take, epoch + 1
     return sorted(seen)
 
@@ -165,7 +177,13 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
           lengths: Sequence[int] | None = None) -> list[dict]:
     """Train for settings.max_steps optimiser steps; returns the logged history (one dict per log line).
 
-    `lengths` (one per row) groups rows of similar length into batches (see epoch_batches).
+    `lengths` (one per row) groups rows of similar length into batches (see planned_batches).
+
+    Under `accelerate launch` (N processes, DDP) settings.batch_size is the global batch: each process trains
+    its shard of it, its loss weighted by its share (see _share_weight), so the gradient DDP averages is the
+    one-process gradient of the whole batch; the logged loss and metrics are the global batch's. Evaluation
+    runs on the main process and its row is sent to the others, so every process returns the same history;
+    on_log and checkpoints' publication happen on the main process only.
 
     Checkpoints go to checkpoint_dir/step-N every save_steps (the last two are kept); with resume_key set,
     training resumes from the latest checkpoint written under the same key (e.g. a hash of the params).
@@ -182,12 +200,19 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     # different settings, so each run starts from a clean state (the process group, if any, is kept)
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # split_batches: settings.batch_size is the global batch (each process trains its shard), so the prepared
+    # scheduler steps once an optimiser step, not once per process (Accelerate's default)
     accel = Accelerator(mixed_precision="bf16" if use_bf16(settings.bf16) else "no",
-                        cpu=pick_device().type == "cpu", gradient_accumulation_steps=settings.grad_accum)
+                        cpu=pick_device().type == "cpu", gradient_accumulation_steps=settings.grad_accum,
+                        dataloader_config=DataLoaderConfiguration(split_batches=True))
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     warmup = int(settings.warmup_ratio * settings.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.max_steps)
     model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
+    world, main = accel.num_processes, accel.is_main_process
+    if min(settings.batch_size, len(dataset)) < world:
+        raise ValueError(f"batch_size {settings.batch_size} (the global batch) over {len(dataset)} rows cannot be "
+                         f"shared by {world} processes: each needs at least one row a step")
 
     step = 0
     history: list[dict] = []
@@ -199,7 +224,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
             step, history = meta["step"], meta.get("history", [])
             log.info("resumed from %s at step %d; %d logged rows before it carried over", ckpt, step, len(history))
             for row in history:  # the run's record starts at step 1, as if it had never stopped
-                if on_log is not None:
+                if on_log is not None and main:
                     on_log(row["step"], row)
 
     window: dict[str, float] = {}
@@ -207,15 +232,22 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
     grad_norm = float("nan")
     model.train()
     # where the data stream stands: a resumed run carries on with the batch after the last one trained
-    per_epoch = len(epoch_batches(len(dataset), settings.batch_size, settings.seed, 0, accel, lengths))
+    per_epoch = len(planned_batches(len(dataset), settings.batch_size, settings.seed, 0, lengths))
     epoch, skip = divmod(step * settings.grad_accum, per_epoch)
     while step < settings.max_steps:
-        for index in epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch, accel, lengths)[skip:]:
+        for rows in planned_batches(len(dataset), settings.batch_size, settings.seed, epoch, lengths)[skip:]:
+            index = shard(rows, accel.process_index, world)  # all of them with one process
             # accel.device, not the model's: under FSDP with CPU offload the parameters are not where the batch goes
             batch = to_device(collate([dataset[i] for i in index]), accel.device)
             with accel.accumulate(model):
                 loss, metrics, n_tokens = step_fn(model, batch)
-                _check_finite(settings, step + 1, {"loss": float(loss.detach()), **metrics})
+                if world > 1:
+                    weight = _share_weight(len(index), len(rows), world)
+                    loss = loss * weight
+                    loss_value, metrics, n_tokens = _global_figures(accel, weight, loss, metrics, n_tokens)
+                else:
+                    loss_value = float(loss.detach())
+                _check_finite(settings, step + 1, {"loss": loss_value, **metrics})  # global: every process agrees
                 accel.backward(loss)
                 if accel.sync_gradients:
                     grad_norm = float(accel.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
@@ -223,7 +255,7 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key, value in {"loss": float(loss.detach()), **metrics}.items():
+            for key, value in {"loss": loss_value, **metrics}.items():
                 window[key] = window.get(key, 0.0) + value
             n_micro += 1
             tokens += n_tokens
@@ -238,32 +270,80 @@ def train(model: torch.nn.Module, dataset: Sequence, collate: Callable, step_fn:
                            tokens_per_sec=tokens / max(elapsed, 1e-9), epoch=epoch)
                 window, n_micro, tokens = {}, 0, 0
                 if eval_fn is not None and (step % settings.eval_steps == 0 or last):
-                    model.eval()
-                    with torch.no_grad(), accel.autocast():
-                        row.update({f"eval_{k}": v for k, v in eval_fn(accel.unwrap_model(model)).items()})
-                    model.train()
+                    row.update(_evaluate(accel, model, eval_fn))
                 row["step"] = step
+                if world > 1:  # the main process's row (its evaluation) is every process's
+                    row = broadcast_object_list([row])[0]
                 history.append(row)
-                log.info("step %d/%d %s", step, settings.max_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in {"step", "epoch"}))
-                if on_log is not None:
+                if main:
+                    log.info("step %d/%d %s", step, settings.max_steps,
+                             " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in {"step", "epoch"}))
+                if on_log is not None and main:
                     on_log(step, row)
                 t0 = time.perf_counter()  # evaluation and logging do not count against training throughput
             if checkpoint_dir is not None and settings.save_steps and step % settings.save_steps == 0 and not last:
                 _save_checkpoint(accel, checkpoint_dir, step, resume_key or "", history)
             if last:
                 break
-            if signals.received() is not None:  # the safe point: a whole optimiser step done
+            if _stop_requested(accel):  # the safe point: a whole optimiser step done, on every process
                 saved = ""
                 if checkpoint_dir is not None and resume_key is not None:
                     if not (settings.save_steps and step % settings.save_steps == 0):  # else saved just above
                         _save_checkpoint(accel, checkpoint_dir, step, resume_key, history)
                     saved = f"; checkpoint {checkpoint_dir / f'step-{step}'} saved, a rerun resumes from it"
-                log.warning("stopped by %s after step %d/%d%s", signals.name(), step, settings.max_steps, saved)
+                how = signals.name() if signals.received() is not None else "a signal to another process"
+                log.warning("stopped by %s after step %d/%d%s", how, step, settings.max_steps, saved)
                 signals.check()
+                raise signals.Interrupted(signal.SIGTERM)  # only another process was signalled: stop with it
         epoch, skip = epoch + 1, 0
     model.eval()
     return history
+
+
+def _share_weight(share: int, batch: int, world: int) -> float:
+    """What a process's loss is multiplied by under DDP, which averages the processes' gradients.
+
+    With loss_k the mean over process k's n_k rows of an n-row batch, mean_k(grad(w_k * loss_k)) with
+    w_k = world * n_k / n is sum_k (n_k / n) grad(loss_k): the gradient of the whole batch's mean, the
+    one-process gradient, even when n does not divide evenly. Exact for losses that are means over rows
+    (and over tokens when every row has as many, as packed pretraining blocks do); where rows interact or
+    weigh by their tokens (token means over rows of unequal length, in-batch negatives, KTO's batch KL
+    estimate), each share is a batch of its own, as gradient accumulation's micro-batches already are.
+    """
+    return world * share / batch
+
+
+def _global_figures(accel: Accelerator, weight: float, loss: torch.Tensor, metrics: dict[str, float],
+                    n_tokens: int) -> tuple[float, dict[str, float], int]:
+    """The whole batch's loss and metrics, weighted by each process's share as its gradient is (`loss` comes
+    weighted already), and its token count: what one process would have logged. One all-reduce a micro-batch."""
+    keys = sorted(metrics)  # every process's step function returns the same keys
+    figures = torch.tensor([float(loss.detach()), *(metrics[k] * weight for k in keys), float(n_tokens)],
+                           dtype=torch.float64, device=accel.device)
+    figures = accel.reduce(figures, reduction="sum")
+    world = accel.num_processes
+    return float(figures[0]) / world, {k: float(v) / world for k, v in zip(keys, figures[1:-1])}, int(figures[-1])
+
+
+def _evaluate(accel: Accelerator, model: torch.nn.Module, eval_fn: Callable) -> dict[str, float]:
+    """eval_fn's figures, prefixed eval_: on the main process only (the others wait for its row). Under FSDP
+    every process runs it on the sharded model, whose forward needs them all (not exercised here)."""
+    fsdp = accel.distributed_type == DistributedType.FSDP
+    if not (accel.is_main_process or fsdp):
+        return {}
+    model.eval()
+    with torch.no_grad(), accel.autocast():
+        figures = eval_fn(model if fsdp else accel.unwrap_model(model))
+    model.train()
+    return {f"eval_{k}": v for k, v in figures.items()}
+
+
+def _stop_requested(accel: Accelerator) -> bool:
+    """Whether a stop signal came (to any process: all of them stop after the same step, or DDP would hang)."""
+    stop = signals.received() is not None
+    if accel.num_processes == 1:
+        return stop
+    return bool(accel.reduce(torch.tensor([int(stop)], device=accel.device), reduction="sum").item())
 
 
 def _check_finite(settings: LoopSettings, step: int, values: dict[str, float]) -> None:
@@ -275,18 +355,39 @@ def _check_finite(settings: LoopSettings, step: int, values: dict[str, float]) -
 
 
 def _save_checkpoint(accel: Accelerator, folder: Path, step: int, key: str, history: list[dict]) -> None:
-    publish_checkpoint(folder, step, key, history, lambda tmp: accel.save_state(str(tmp)))
+    """Every process writes its part of the state (the main one the model and optimiser, each its random
+    state) into one staging folder; the main process then publishes it. All of them leave together."""
+    if accel.num_processes == 1:
+        publish_checkpoint(folder, step, key, history, lambda tmp: accel.save_state(str(tmp)))
+        return
+    if accel.is_main_process:
+        _staging(folder, step, fresh=True)
+    accel.wait_for_everyone()
+    accel.save_state(str(_staging(folder, step)))
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        _publish(folder, step, key, history)
+    accel.wait_for_everyone()
+
+
+def _staging(folder: Path, step: int, fresh: bool = False) -> Path:
+    tmp = folder / f".tmp-step-{step}"
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
 
 
 def publish_checkpoint(folder: Path, step: int, key: str, history: list[dict], write: Callable[[Path], None]) -> None:
     """folder/step-N: `write(tmp)` fills a temporary folder with the state, loop.json (step, resume key, history)
     is added, then it is renamed into place; only the last two checkpoints are kept. A crash mid-save never
     leaves a checkpoint that looks complete (train() here, and models/online.py's loop)."""
-    target = folder / f"step-{step}"
-    tmp = folder / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    write(_staging(folder, step, fresh=True))
+    _publish(folder, step, key, history)
+
+
+def _publish(folder: Path, step: int, key: str, history: list[dict]) -> None:
+    tmp, target = _staging(folder, step), folder / f"step-{step}"
     (tmp / "loop.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

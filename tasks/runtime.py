@@ -4,6 +4,10 @@ A stage is `python -m tasks.<name>` (its DVC command). It reads params.yaml, see
 builds anything, does its work inside its MLflow run, and writes its output folder through a temporary
 folder renamed into place at the end, so a crash never leaves an output a later stage would take as done.
 
+On several GPUs a training stage runs as one process per GPU (tasks/launch.py): every process runs the body
+and trains its share of each batch, and only the main one has the MLflow run and writes outputs, metrics,
+lineage and checkpoints; the others' run logs nothing and their output folder is thrown away.
+
 What a stage writes into its cached output depends on its inputs alone, so a rerun on the same inputs
 writes the same bytes and DVC spares the stages after it. What differs from run to run (the MLflow run
 id, timings, throughput) goes to MLflow and to `lineage/<stage>.json`, which DVC does not track.
@@ -17,9 +21,10 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,9 @@ from instructflow.config import Params, load_params
 from instructflow.errors import InstructflowError
 from instructflow.io import atomic_dir, inputs_key, read_jsonl, write_json_atomic
 from instructflow.stages import stage as stage_named
+from tasks import launch
 from tasks.keep import restore_outputs
-from tasks.tracking import StageRun, stage_run
+from tasks.tracking import StageRun, WorkerRun, stage_run
 
 log = logging.getLogger("instructflow")
 
@@ -40,8 +46,11 @@ INVOCATION_ENV = "INSTRUCTFLOW_INVOCATION"  # set by the flow: tells it which st
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    """INFO to stdout; under `accelerate launch` the processes but the main one log errors only (the same
+    warnings would come from each)."""
+    logging.basicConfig(level=logging.INFO if launch.is_main() else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -124,7 +133,14 @@ def stage_output(root: Path, stage: str, run: StageRun, *, model=None, tokenizer
     The model and tokenizer (Hugging Face folders) and the training history (history.csv, loss.png) are
     written for the stage; the block may add its own files to the yielded folder. Once the output is in place
     the stage's checkpoints (checkpoints/<stage>, see `resumable`) are removed: only a stopped run resumes.
+
+    Under `accelerate launch` the other processes get a temporary folder that is thrown away (the main process
+    writes the output), so a stage's body runs unchanged on every process.
     """
+    if not launch.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"instructflow-{stage}-rank{launch.rank()}-") as scratch:
+            yield Path(scratch)
+        return
     with atomic_dir(output_dir(root, stage)) as out:
         if model is not None:
             model.save_pretrained(out)
@@ -164,7 +180,6 @@ def _track_off(root: Path, stage: str, params: Params) -> None:
     log.info("stage %s: %s (tracks: %s); nothing to do", stage, reason, params.tracks.model_dump())
 
 
-@signals.handling()
 def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any]]) -> None:
     """Run a stage body under its MLflow run; write metrics/<stage>.json and lineage/<stage>.json.
 
@@ -172,19 +187,43 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
     choose records just that, so DVC's lock stays complete and flipping the track on reruns it for real.
     SIGTERM or SIGINT stops the stage at a safe point (training: after a step, with a checkpoint), ends its
     MLflow run KILLED and exits 128 + the signal.
+
+    A training stage with several GPUs visible (or INSTRUCTFLOW_NPROC > 1) first becomes the launcher of its
+    processes (tasks/launch.py), which come back here launched and run the stage.
     """
     setup_logging()
     root = env.setup()
+    try:
+        params = load_params(root / "params.yaml")
+    except InstructflowError:
+        params = None  # reported below, as any stage reports it
+    if params is not None and params.chosen(stage):
+        try:
+            launch.relaunch_if_wanted(stage, params)
+        except InstructflowError as exc:
+            log.error("stage %s failed: %s", stage, exc)
+            restore_outputs(root, stage)
+            sys.exit(2)
+    _run_here(stage, body, root)
+
+
+@signals.handling()
+def _run_here(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any]], root: Path) -> None:
+    main = launch.is_main()
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         params = load_params(root / "params.yaml")
         if not params.chosen(stage):
-            _track_off(root, stage, params)
+            if main:
+                _track_off(root, stage, params)
             return
         seed_everything(params.seed)
-        with stage_run(stage, params, root) as run:
+        _use_own_gpu()
+        with (stage_run(stage, params, root) if main else nullcontext(WorkerRun())) as run:
             log.info("stage %s: preset %s, MLflow run %s", stage, params.preset, run.run_id)
             metrics = body(params, root, run)
+            if not main:
+                return  # the main process records the stage
             volatile = {k: metrics.pop(k) for k in VOLATILE if k in metrics}
             volatile["wall_time_s"] = round(time.perf_counter() - started, 2)
             run.log_metrics({**metrics, **volatile})
@@ -195,17 +234,30 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
                 **volatile})
     except InstructflowError as exc:
         log.error("stage %s failed: %s", stage, exc)
-        restore_outputs(root, stage)  # DVC removed them before this command: the last good ones come back
+        if main:
+            restore_outputs(root, stage)  # DVC removed them before this command: the last good ones come back
         sys.exit(2)
     except signals.Interrupted as exc:
-        log.warning("stage %s stopped by %s: its MLflow run is KILLED, its last good outputs are put back",
-                    stage, signals.name(exc.signum))
-        restore_outputs(root, stage)
+        if main:
+            log.warning("stage %s stopped by %s: its MLflow run is KILLED, its last good outputs are put back",
+                        stage, signals.name(exc.signum))
+            restore_outputs(root, stage)
         sys.exit(exc.exit_code)
     except BaseException:
-        restore_outputs(root, stage)
+        if main:
+            restore_outputs(root, stage)
         raise
     log.info("stage %s done in %.1fs", stage, time.perf_counter() - started)
+
+
+def _use_own_gpu() -> None:
+    """Under `accelerate launch` on GPUs, "cuda" is this process's own GPU (LOCAL_RANK) from the start, also for
+    models used before training (align's frozen reference)."""
+    if launch.world() > 1 and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def read_prepared(root: Path, name: str) -> list[dict]:

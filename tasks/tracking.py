@@ -25,6 +25,7 @@ import mlflow
 
 from instructflow import signals
 from instructflow.errors import InstructflowError
+from tasks import launch
 
 PARENT_ENV = "INSTRUCTFLOW_PARENT_RUN_ID"
 PID_TAG, HOST_TAG, PID_STARTED_TAG = "instructflow.pid", "instructflow.host", "instructflow.pid_started"
@@ -168,6 +169,9 @@ def stage_run(stage: str, params, root: Path) -> Iterator[StageRun]:
     mark_stale_runs(params.experiment)
     tags = {"instructflow.stage": stage, "instructflow.preset": params.preset,
             "instructflow.params_hash": params.digest(), **owner_tags()}
+    processes = launch.world()
+    if processes > 1:  # under `accelerate launch` (tasks/launch.py): the main process's run is the stage's record
+        tags.update({"instructflow.processes": str(processes), "instructflow.strategy": params.distributed.strategy})
     if params.loop.enabled:  # the feedback loop's round (instructflow rounds): which round made this run
         tags["instructflow.round"] = str(max(params.loop.round, 1))
     with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent, nested=parent is not None,
@@ -179,3 +183,27 @@ def stage_run(stage: str, params, root: Path) -> Iterator[StageRun]:
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
         mlflow.log_dict(params.model_dump(mode="json"), "config/params.json")
         yield StageRun(run)
+
+
+class WorkerRun(StageRun):
+    """What a stage body logs to on a process other than the main one under `accelerate launch`: nothing (the
+    main process's run is the stage's one record)."""
+
+    def __init__(self):
+        self.run = None
+        self.run_id = ""
+
+    def log_step(self, step: int, row: dict[str, float]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def log_json(self, data: Any, name: str) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
