@@ -305,12 +305,12 @@ class _Starter:
                             "auth_cache_ttl_seconds = 60\n")
         env = {**self.base_env, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": flask_key,  # signs the auth app's CSRF tokens
+               "MLFLOW_BACKEND_STORE_URI": f"{pg}/mlflow",  # (with its password: in the environment, not in `ps`)
                "MLFLOW_S3_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
                "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                "MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX": SOURCE_REGEX}
         server = self.spawn("mlflow", [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
                                        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                       "--backend-store-uri", f"{pg}/mlflow",
                                        "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
                                        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"], env)
         return server, f"http://127.0.0.1:{port}"

@@ -190,11 +190,14 @@ def test_a_stage_run_lands_in_postgres_with_its_artifacts_on_the_server(servers,
                   "ON r.experiment_id = e.experiment_id WHERE e.name = %s", experiment)
     assert [(name, status) for name, status, _ in rows] == [("prepare", "FINISHED")]
     assert rows[0][2].startswith("mlflow-artifacts:/")
-    # no secret in the logs or in MLflow's params
-    output = done.stdout + done.stderr
+    # no secret in the stage's output, the servers' logs or MLflow's params
+    output = done.stdout + done.stderr + "".join(log.read_text(errors="replace")
+                                                 for log in (servers.folder / "logs").glob("*.log"))
     params = _query(servers, "mlflow", "SELECT key, value FROM params")
-    for name in ("MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING", "AWS_SECRET_ACCESS_KEY"):
-        secret = servers.env[name].split(":")[-1]
+    secrets = [servers.env[name].split(":")[-1] for name in ("MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING",
+                                                             "AWS_SECRET_ACCESS_KEY")]
+    secrets.append(servers.postgres_url.split(":")[2].split("@")[0])  # PostgreSQL's password
+    for secret in secrets:
         assert secret not in output and all(secret not in value for _, value in params)
     assert not (root / "mlartifacts").exists()  # nothing went to a local artifact folder
 
