@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from instructflow import env
+from servers import free_port  # noqa: F401 (tests import it from here; tests/servers.py also runs on its own)
 
 ROOT = Path(__file__).resolve().parents[1]
 env.setup()  # as every entry point does: offline, no telemetry, before any test imports transformers
@@ -204,15 +205,6 @@ def trained_project(_trained_in_background) -> tuple[Path, list, list]:
 @pytest.fixture(scope="session")
 def micro_pipeline(trained_project) -> Path:
     return trained_project[0]
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (for a server a test starts)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ an S3-compatible object store (moto's server) holding MLflow's artifacts and the
 The same stack as infra/compose.yaml, without a container engine: PostgreSQL from the Debian package (initdb and
 postgres from /usr/lib/postgresql/*/bin, run as the `postgres` user when we are root: it refuses to run as root),
 Prefect and MLflow from the project's venv, moto from the lock's test group. Everything listens on 127.0.0.1 on
-free ports, keeps its files in one temporary folder, and is hardened as the compose file is: Prefect's basic auth
+free ports, keeps its files in temporary folders, and is hardened as the compose file is: Prefect's basic auth
 (PREFECT_SERVER_API_AUTH_STRING), MLflow's basic-auth app with an admin password from the environment (random
 here), `--allowed-hosts`, model-version source validation, and proxied artifacts (clients hold no S3 key for
 MLflow). Each server runs in its own process group and gets SIGTERM (PostgreSQL: SIGINT, its fast shutdown) when
@@ -60,6 +60,7 @@ class Unavailable(RuntimeError):
 
 
 def free_port() -> int:
+    """A TCP port free on loopback right now (for a server a test starts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -114,8 +115,8 @@ class Server:
         except OSError:
             return "(no log)"
 
-    def signal(self) -> None:
-        """Ask its process group to stop (no wait)."""
+    def ask_to_stop(self) -> None:
+        """Send its process group the stop signal (no wait)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, self.stop_signal)
@@ -124,7 +125,7 @@ class Server:
 
     def stop(self, timeout: float = 15) -> None:
         """Stop its process group: the stop signal, then SIGKILL after `timeout` seconds."""
-        self.signal()
+        self.ask_to_stop()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -139,7 +140,7 @@ def stop_all(servers: list[Server]) -> None:
     """Stop the clients of PostgreSQL together (each takes a few seconds to drain), then PostgreSQL."""
     clients = [s for s in servers if s.name != "postgres"]
     for server in clients:
-        server.signal()
+        server.ask_to_stop()
     for server in (*clients, *(s for s in servers if s.name == "postgres")):
         server.stop()
 
