@@ -141,7 +141,8 @@ def print_summary(results: list[dict], params, root: Path, wall: float) -> None:
     for r in results:
         figures = " ".join(f"{k}={_fmt(r['metrics'][k])}" for k in KEY_METRICS.get(r["stage"], ())
                            if k in r["metrics"])
-        table.add_row(r["stage"], f"[{colour.get(r['status'], 'red')}]{r['status']}[/]", f"{r['wall_s']:.1f}s", figures,
+        where = f" on {escape(r['worker'])}" if r.get("worker") else ""  # routed to a worker (flows/routing.py)
+        table.add_row(r["stage"], f"[{colour.get(r['status'], 'red')}]{r['status']}[/]{where}", f"{r['wall_s']:.1f}s", figures,
                       baseline_cell(by_stage.get(r["stage"], [])))
     console.print(table)
     print_baseline_flags(by_stage)
@@ -442,6 +443,24 @@ def serve(
         serve_pipeline(_root(root), cron=cron, port=port)
     except InstructflowError as exc:
         _fail(exc)
+
+
+@app.command()
+def pools(
+    gpu: Annotated[str, typer.Option(help="the gpu pool's type: kubernetes | docker (one GPU box) | process")] = "kubernetes",
+    gpu_limit: Annotated[int, typer.Option(help="stages at a time on the gpu pool (its concurrency limit)")] = 1,
+) -> None:
+    """Create (or update) the `cpu` and `gpu` work pools on the Prefect server PREFECT_API_URL names (flows/pools.py);
+    then `prefect deploy --all` and start the workers (README, "Beyond one machine")."""
+    from flows.pools import create_pools
+
+    try:
+        made = create_pools(gpu, gpu_limit)
+    except InstructflowError as exc:
+        _fail(exc)
+    for pool in made:
+        limit = pool.concurrency_limit if pool.concurrency_limit is not None else "none"
+        console.print(f"work pool {pool.name}: type {pool.type}, concurrency limit {limit}")
 
 
 Pooling = Annotated[str, typer.Option(help="mean (over the tokens) or cls (the [CLS] vector)")]

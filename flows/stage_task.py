@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -38,6 +40,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, StateType
 
 from flows.guard import params_kept, preflight, run_lock
+from flows.routing import Routing, push_outputs
+from flows.routing import plan as plan_routing
 from instructflow import env, signals
 from instructflow.config import load_params, write_overrides
 from instructflow.errors import InstructflowError
@@ -99,27 +103,37 @@ def track_off(root: Path, stage: str) -> bool:
     return metrics.is_file() and json.loads(metrics.read_text()).get("track_chosen") == 0
 
 
-def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit, timing: dict | None = None) -> str:
+def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit, timing: dict | None = None,
+              refuse_to_run: str | None = None) -> str:
     """Run `dvc repro --single-item <stage>`, stream its output through emit; return ran/skipped/restored/off.
 
     A stage DVC finds up to date is reported at once, without starting `dvc repro` and the stage's process.
     `timing["seconds"]` gets the time the stage held DVC (waiting for the other track's turn is not counted).
+    With `refuse_to_run` (a worker ran the stage: flows/routing.py), DVC may only restore the outputs from its
+    run-cache, pulled from the remote (`--pull`); where it would run the stage instead, the stage's command is a
+    stand-in that prints this message and fails, so the stage is never run here.
     """
     timing = {} if timing is None else timing
-    with DVC_LOCK:
+    with DVC_LOCK, tempfile.TemporaryDirectory(prefix="instructflow-restore-only-") as stand_in:
         started = time.perf_counter()
         if up_to_date(root, stage):
             timing["seconds"] = time.perf_counter() - started
             return "off" if track_off(root, stage) else "skipped"
         invocation = uuid.uuid4().hex
-        env_vars = {**os.environ, INVOCATION_ENV: invocation,
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # this venv
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # this venv's python first
+        if refuse_to_run:  # the stage command is `python -m tasks.<stage>`: this `python` comes first on its PATH
+            script = Path(stand_in) / "python"
+            script.write_text(f"#!/bin/sh\nprintf '%s\\n' {shlex.quote(refuse_to_run)} >&2\nexit 3\n")
+            script.chmod(0o755)
+            path = f"{stand_in}{os.pathsep}{path}"
+        env_vars = {**os.environ, INVOCATION_ENV: invocation, "PATH": path}
         if parent_run_id:
             env_vars[PARENT_ENV] = parent_run_id
         before = lock_entry(root, stage)
         signals.check()  # stopping: no stage starts
-        proc = signals.spawn([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
-                             env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--pull"] if refuse_to_run else []), stage]
+        proc = signals.spawn(cmd, cwd=root, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             bufsize=1)
         tail: list[str] = []
         for line in proc.stdout:
             line = line.rstrip()
@@ -149,14 +163,19 @@ def run_stage(stage: str, ctx: "PipelineRun") -> dict:
     if signals.received() is not None:  # the run is stopping: this stage does not start
         return Cancelled(message=f"not started: the pipeline run was stopped by {signals.name()}")
     timing: dict[str, float] = {}
-    status = dvc_repro(stage, ctx.root, ctx.parent_run_id, logger.info, timing)
+    extra: dict = {}
+    if ctx.routing is not None and ctx.routing.routes(stage):  # on a worker of the gpu pool (flows/routing.py)
+        status, extra = ctx.routing.run(stage, ctx.root, ctx.parent_run_id, logger, timing)
+    else:
+        status = dvc_repro(stage, ctx.root, ctx.parent_run_id, logger.info, timing)
     wall = timing["seconds"]
     path = ctx.root / "metrics" / f"{stage}.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     if status == "ran":
         metrics.update({k: v for k, v in read_lineage(ctx.root, stage).items() if k == "tokens_per_sec"})
-    logger.info("stage %s %s in %.1fs", stage, status, wall)
-    return {"stage": stage, "status": status, "wall_s": round(wall, 1), "metrics": metrics}
+    where = f" on worker {extra['worker']}" if "worker" in extra else ""
+    logger.info("stage %s %s in %.1fs%s", stage, status, wall, where)
+    return {"stage": stage, "status": status, "wall_s": round(wall, 1), "metrics": metrics, **extra}
 
 
 @dataclass
@@ -166,6 +185,8 @@ class PipelineRun:
     root: Path
     params: object
     parent_run_id: str | None = None
+    routing: Routing | None = None
+    """the stages that run on workers of the gpu pool (None: every stage runs here)"""
     results: list[dict] = field(default_factory=list)
 
     def collect(self, futures: list) -> list[dict]:
@@ -181,6 +202,10 @@ class PipelineRun:
             self.results.append(result)
             mlflow.log_metric(f"{result['stage']}.wall_s", result["wall_s"])
             mlflow.set_tag(f"stage.{result['stage']}", result["status"])
+            if "worker" in result:  # routed: where it ran, and how long it waited for a worker to start it
+                mlflow.set_tag(f"stage.{result['stage']}.worker", result["worker"])
+                if result.get("dispatch_s") is not None:
+                    mlflow.log_metric(f"{result['stage']}.dispatch_s", result["dispatch_s"])
             report = self.root / "reports" / "evaluation.md"
             if result["stage"] == "evaluate" and result["status"] != "off" and report.is_file():
                 create_markdown_artifact(report.read_text(encoding="utf-8"), key="evaluation-report",
@@ -200,6 +225,9 @@ class PipelineRun:
                 state.result()  # raises its StageFailed
         if failures:
             raise StageFailed(f"stages did not complete: {[s.name for _, s in failures]}")
+        if self.routing is not None:  # a team's remote holds every output, as other clones and workers expect
+            with DVC_LOCK:
+                push_outputs(self.root)
         return self.results
 
 
@@ -234,6 +262,7 @@ def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> 
 def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logger) -> Iterator[PipelineRun]:
     params = load_params(project / "params.yaml", overrides, preset)  # fails here, before any stage
     preflight(project, params, params.stages())  # every source and input, before DVC removes any output
+    routing = plan_routing(project, params)  # workers.enabled: the server, the commit, the remote, checked now
     prepare_base_model(project, params)  # a base folder checked, a registry alias resolved: DVC sees it move
     experiment = experiment_id(params.experiment, project)  # a store shared with another clone fails here too
     with params_kept(project):
@@ -243,6 +272,9 @@ def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logge
             logger.info("dvc.yaml rendered again from the stage table (prepare.sources changed)")
     logger.info("pipeline: %s (preset %s, tracks: %s)", " -> ".join(params.stages()), params.preset,
                 ", ".join(t for t, on in params.tracks if on))
+    if routing is not None:
+        logger.info("workers: %s run on %s (pool %s) at commit %s", ", ".join(s for s in params.stages()
+                    if routing.routes(s)) or "no stage", routing.deployment, routing.pool, routing.commit[:12])
     for run_id in mark_stale_runs(params.experiment):
         logger.warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
     with mlflow.start_run(experiment_id=experiment, run_name="pipeline",
@@ -253,4 +285,4 @@ def _pipeline_run(preset: str | None, overrides: list[str], project: Path, logge
                            "stages": ",".join(params.stages())})
         # every resolved param, under the names the stage runs log theirs (align.beta, ...): what the stages read
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params.model_dump(mode="json")).items()})
-        yield PipelineRun(project, params, parent.info.run_id)
+        yield PipelineRun(project, params, parent.info.run_id, routing)

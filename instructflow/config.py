@@ -477,6 +477,36 @@ class ScheduleConfig(Section):
         return value
 
 
+class WorkersConfig(Section):
+    """Per-stage routing (flows/routing.py, README "Beyond one machine"): the stages below run on the workers of a
+    GPU work pool, the rest where the pipeline flow runs. Off by default: one machine runs every stage. Not part of
+    the params hash: where a stage runs does not change what it makes."""
+
+    enabled: bool = Field(False, description="dispatch the stages below to `deployment` (needs a Prefect server, an "
+                          "MLflow tracking server and a DVC remote shared with the workers, and a pushed commit)")
+    stages: list[str] | None = Field(None, description="the stages that run on a worker (null: the stage table's GPU "
+                                     "stages, instructflow/stages.py gpu=True); a stage whose track is off runs here")
+    deployment: str = Field("instructflow-stage/gpu", min_length=3, description="flow/deployment of the stage flow "
+                            "(flows/worker.py), deployed to the GPU pool (prefect.yaml: deployment gpu)")
+    retries: int = Field(1, ge=0, le=5, description="dispatches again after a worker died holding the stage (its flow "
+                         "run crashed or its heartbeats stopped); a stage that fails on a worker is not retried")
+    start_timeout_s: int = Field(1800, ge=10, description="a dispatched stage that no worker starts within this long "
+                                 "fails, naming the pool (the pool's concurrency limit may hold it back meanwhile)")
+
+    @field_validator("stages")
+    @classmethod
+    def _routable(cls, value: list[str] | None) -> list[str] | None:
+        from instructflow.stages import BY_NAME, NAMES
+
+        for name in value or []:
+            if name not in BY_NAME:
+                raise ValueError(f"unknown stage {name!r}: expected some of {', '.join(NAMES)}")
+            if not BY_NAME[name].cache_outs:  # nothing to restore from DVC's run-cache
+                raise ValueError(f"stage {name!r} cannot run on a worker: DVC does not cache its outputs, so they "
+                                 "cannot come back through the run-cache (it writes where the flow runs)")
+        return value
+
+
 # pydantic warns that the field `register` shadows ABCMeta.register; the stage name wins (DESIGN: one name per stage)
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -510,6 +540,7 @@ class Params(Section):
     preset: Literal["micro", "tiny", "small"] = Field("tiny", description="model and data sizes (presets.yaml)")
     seed: int = 1234
     tracks: TracksConfig = TracksConfig()
+    workers: WorkersConfig = WorkersConfig()
     experiment: str = Field("instructflow", description="MLflow experiment name")
     prepare: PrepareConfig = PrepareConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -556,7 +587,7 @@ class Params(Section):
 
     def digest(self) -> str:
         """A short hash of the resolved params: the lineage tag of everything made with them."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"distributed"}), sort_keys=True).encode()
+        blob = json.dumps(self.model_dump(mode="json", exclude={"distributed", "workers"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
