@@ -134,6 +134,9 @@ def launch(stage: str, n: int, params: Params) -> int:
 
     gpu = _gpus() >= n
     args = launch_args(stage, n, params, gpu)
+    if params.distributed.strategy == "fsdp":
+        log.warning("distributed.strategy = fsdp has not been exercised by instructflow's tests (DDP has): check that "
+                    "the saved model of stage %s loads and scores as expected", stage)
     log.info("stage %s: %d processes (%s, %s): accelerate launch %s", stage, n, params.distributed.strategy,
              "one GPU each" if gpu else "CPU, gloo", " ".join(args))
     try:

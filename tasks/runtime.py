@@ -194,17 +194,26 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
     setup_logging()
     root = env.setup()
     try:
+        with signals.handling():  # (while the launcher runs, torch's own handlers stop its processes)
+            _relaunch_if_wanted(stage, root)
+    except InstructflowError as exc:
+        log.error("stage %s failed: %s", stage, exc)
+        restore_outputs(root, stage)
+        sys.exit(2)
+    except signals.Interrupted as exc:
+        restore_outputs(root, stage)
+        sys.exit(exc.exit_code)
+    _run_here(stage, body, root)
+
+
+def _relaunch_if_wanted(stage: str, root: Path) -> None:
+    """Exit through the launcher (tasks/launch.py) when the stage runs as several processes; else return."""
+    try:
         params = load_params(root / "params.yaml")
     except InstructflowError:
-        params = None  # reported below, as any stage reports it
-    if params is not None and params.chosen(stage):
-        try:
-            launch.relaunch_if_wanted(stage, params)
-        except InstructflowError as exc:
-            log.error("stage %s failed: %s", stage, exc)
-            restore_outputs(root, stage)
-            sys.exit(2)
-    _run_here(stage, body, root)
+        return  # reported by _run_here, as any stage reports it
+    if params.chosen(stage):
+        launch.relaunch_if_wanted(stage, params)
 
 
 @signals.handling()
