@@ -74,9 +74,7 @@ def processes(stage: str, params: Params) -> int:
             log.info("stage %s runs as one process (%s=%d ignored): %s", stage, NPROC_ENV, wanted, alone)
         return 1
     if wanted is None:
-        import torch
-
-        wanted = torch.cuda.device_count()
+        wanted = _gpus()
     if wanted <= 1:
         return 1
     check(stage, params, wanted, _gpus())
