@@ -65,7 +65,7 @@ def committed(root: Path) -> str:
     """The commit the workers check out; raise when tracked files differ from it or no remote branch holds it."""
     commit = git(root, "rev-parse", "HEAD").strip()
     dirty = [line[3:] for line in git(root, "status", "--porcelain", "--untracked-files=no").splitlines()
-             if line[3:] not in RUN_FILES]
+             if line[3:] not in RUN_FILES and Path(line[3:]).name != ".gitignore"]  # DVC adds its outputs there
     if dirty:
         shown = ", ".join(dirty[:10]) + (f" and {len(dirty) - 10} more" if len(dirty) > 10 else "")
         raise RoutingError(

@@ -1,8 +1,8 @@
 """The worker's side of per-stage routing: one stage of a pipeline run, in this worker's own clone of the project.
 
-Deployed to the `gpu` work pool (prefect.yaml: deployment `gpu` of flow `instructflow-stage`); the pipeline flow dispatches its GPU stages here
-(flows/routing.py). Its flow runs start in the worker's clone (the deployment's pull step goes to
-INSTRUCTFLOW_CLONE), which keeps its DVC cache between stages. For one stage it:
+Deployed to the `gpu` work pool (prefect.yaml: deployment `gpu` of flow `instructflow-stage`); the pipeline flow
+dispatches its GPU stages here (flows/routing.py). Its flow runs start in the worker's clone (the deployment's pull
+step goes to INSTRUCTFLOW_CLONE), which keeps its DVC cache between stages. For one stage it:
 
 - checks out the parent's commit (fetched from the clone's origin) and writes the parent's params.yaml, dvc.yaml and
   dvc.lock exactly as they were there (a run's `--set` overrides are not in git);
@@ -30,6 +30,7 @@ from prefect.artifacts import create_table_artifact
 from flows.guard import run_lock
 from flows.routing import RUN_FILES, RoutingError, git, inputs, pull, push_outputs, remote_url
 from flows.stage_task import dvc_repro
+from instructflow import signals
 from instructflow.io import atomic_file
 from instructflow.stages import stage as stage_named
 from tasks.runtime import read_lineage
@@ -74,7 +75,8 @@ def run_stage_on_worker(stage: str, commit: str, files: dict[str, str | None], p
     clone = Path.cwd().resolve()
     worker, host = os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname(), socket.gethostname()
     started = time.perf_counter()
-    with run_lock(clone, f"instructflow stage {stage} (worker {worker})"):
+    # a stop (the parent cancelled, the worker stopped): the stage stops at a safe point, DVC and all it started with it
+    with signals.handling(), signals.deferred(), run_lock(clone, f"instructflow stage {stage} (worker {worker})"):
         logger.info("worker %s on %s: stage %s at commit %s in %s", worker, host, stage, commit[:12], clone)
         checkout(clone, commit)
         for name, text in files.items():

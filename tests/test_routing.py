@@ -24,6 +24,7 @@ from conftest import ROOT
 from flows.routing import RoutingError, check_in_commit, committed, inputs, plan, push_outputs
 from flows.stage_task import StageFailed, dvc_repro, lock_entry
 from instructflow.config import load_params
+from instructflow.errors import InstructflowError
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 ROUTED = ("pretrain", "sft", "reward", "align", "evaluate")  # the decoder track's GPU stages (the stage table)
@@ -86,6 +87,12 @@ def test_the_commit_must_hold_the_code_and_be_on_a_remote_but_the_runs_own_files
     clone = pushed_clone
     head = sh(clone, "git", "rev-parse", "HEAD").strip()
     (clone / "params.yaml").write_text("seed: 2\n")  # a run's --set overrides: sent to the worker, not committed
+    (clone / "data" / ".gitignore").write_text("/prepared\n")  # DVC lists the outputs it makes in .gitignore files
+    sh(clone, *GIT, "add", "data/.gitignore")
+    sh(clone, *GIT, "commit", "-qm", "ignore")
+    sh(clone, *GIT, "push", "-q", "origin", "HEAD:main")
+    head = sh(clone, "git", "rev-parse", "HEAD").strip()
+    (clone / "data" / ".gitignore").write_text("/prepared\n/generated\n")
     assert committed(clone) == head
     (clone / "pkg" / "mod.py").write_text("X = 2\n")
     with pytest.raises(RoutingError, match=r"uncommitted changes to pkg/mod\.py; the workers check out commit"):
@@ -236,13 +243,44 @@ def test_prefect_yaml_deploys_the_pipeline_to_cpu_and_the_stage_flow_to_gpu_from
     assert run_stage_on_worker.name == flow_name
 
 
+@pytest.mark.servers
+def test_instructflow_pools_makes_the_pools_on_the_server_with_the_gpu_template_and_limit(servers, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from flows.pools import create_pools, gpu_job_template
+
+    settings = {PREFECT_API_URL: servers.prefect_api_url, PREFECT_API_AUTH_STRING: servers.env["PREFECT_API_AUTH_STRING"]}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
+        if any(pool.name == "gpu" for pool in client.read_work_pools()):  # the session's server: the e2e's process pool
+            client.delete_work_pool("gpu")
+    env = {**os.environ, **servers.env, "PREFECT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "instructflow"), "pools", "--gpu", "kubernetes",
+                           "--gpu-limit", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "work pool gpu: type kubernetes, concurrency limit 4" in done.stdout
+    with temporary_settings(settings):
+        with get_client(sync_client=True) as client:  # the server took the template as it is (it validates it too)
+            gpu = client.read_work_pool("gpu")
+            assert gpu.base_job_template == gpu_job_template("kubernetes") and gpu.concurrency_limit == 4
+            assert client.read_work_pool("cpu").type == "process"
+        (_, docker) = create_pools("docker", 2, cpu_pool="cpu", gpu_pool="gpu-docker")
+        assert docker.type == "docker" and docker.base_job_template == gpu_job_template("docker")
+        with pytest.raises(InstructflowError, match="exists with type kubernetes, not process"):
+            create_pools("process", 1)  # a pool's type cannot change: said, not ignored
+        with get_client(sync_client=True) as client:  # as the e2e test expects to find the session's server
+            client.delete_work_pool("gpu")
+
+
 # ---- a micro run through the server, its GPU stages on workers ----------------------------------------------------
 
 @pytest.mark.e2e
 @pytest.mark.servers
 def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_survives_one_dying(servers, tmp_path):
+    import mlflow
+    import psutil
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import temporary_settings
     from routing_rig import routing_rig
 
@@ -252,18 +290,16 @@ def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_s
     killed: list[str] = []
     with routing_rig(servers, tmp_path / "rig", gpu_workers=("gpu-1", "gpu-2")) as rig:
         gpus = {name: w for name, w in rig.workers.items() if w.pool == "gpu"}
+        parent = rig.workers["cpu-1"].clone
 
         def kill_the_worker_training_pretrain() -> None:
-            if killed:
-                return
             for name, worker in gpus.items():
-                if "stage pretrain: preset micro" in worker.text():  # the stage's process is training
+                if not killed and "stage pretrain: preset micro" in worker.text():  # its stage process is training
                     worker.kill()
                     killed.append(name)
 
         started = time.monotonic()
-        flow_run = rig.trigger(overrides)
-        run = rig.wait(flow_run.id, each=kill_the_worker_training_pretrain)
+        run = rig.wait(rig.trigger(overrides).id, each=kill_the_worker_training_pretrain)
         wall = time.monotonic() - started
         logs = "\n".join(w.text()[-4000:] for w in rig.workers.values())
         assert run.state.is_completed(), f"{run.state}\n{logs}"
@@ -271,61 +307,65 @@ def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_s
         (survivor,) = set(gpus) - set(killed)
 
         with temporary_settings(rig.settings), get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("instructflow-stage/gpu")
-            children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
             assert client.read_work_pool("gpu").concurrency_limit == 1
+            only_gpu = DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(
+                "instructflow-stage/gpu").id]))
+            children = client.read_flow_runs(deployment_filter=only_gpu)
         by_stage: dict[str, list] = {}
         for child in children:
             by_stage.setdefault(child.parameters["stage"], []).append(child)
         assert set(by_stage) == set(ROUTED)  # the training stages went to the gpu pool, and nothing else did
         for stage, runs in by_stage.items():
-            done = [r for r in runs if r.state.is_completed()]
-            assert len(done) == 1, (stage, [r.state for r in runs])
-        lost = [r for r in by_stage["pretrain"] if not r.state.is_completed()]
-        assert [(r.state.type.value, r.labels.get("prefect.worker.name")) for r in lost] == [("CRASHED", killed[0])]
-        assert [r.labels.get("prefect.worker.name") for r in by_stage["pretrain"] if r.state.is_completed()] == [survivor]
+            assert [r.labels["prefect.worker.name"] for r in runs if r.state.is_completed()] == [survivor], stage
+        lost = [(r.state.type.value, r.labels["prefect.worker.name"]) for r in by_stage["pretrain"]
+                if not r.state.is_completed()]
+        assert lost == [("CRASHED", killed[0])]  # marked by the parent once the worker's heartbeats stopped
 
-    import psutil
+        lock = yaml.safe_load((parent / "dvc.lock").read_text())["stages"]
+        worker_lock = yaml.safe_load((gpus[survivor].clone / "dvc.lock").read_text())["stages"]
+        for stage in ROUTED:  # dvc.lock here records what the worker made; lineage names the run that made it
+            assert not (gpus[killed[0]].clone / "lineage" / f"{stage}.json").exists()  # the dead one finished nothing
+            here = json.loads((parent / "lineage" / f"{stage}.json").read_text())
+            there = json.loads((gpus[survivor].clone / "lineage" / f"{stage}.json").read_text())
+            assert here["invocation"] == there["invocation"] and here["mlflow_run_id"] == there["mlflow_run_id"]
+            assert lock[stage]["outs"] == worker_lock[stage]["outs"]
+        for stage in ("prepare", "tokenizer", "register"):  # these ran here, and on no worker
+            assert (parent / "lineage" / f"{stage}.json").is_file()
+            assert not any((w.clone / "lineage" / f"{stage}.json").exists() for w in gpus.values())
+        env = {**rig.env, "PYTHONPATH": str(parent)}
+        for args in (["status"], ["status", "--cloud"]):  # dvc.lock matches the workspace; the remote holds it all
+            done = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=parent, env=env,
+                                  capture_output=True, text=True)
+            assert json.loads(done.stdout or "null") == {}, (args, done.stdout, done.stderr)
+
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in servers.env.items():
+                mp.setenv(key, value)
+            client = mlflow.MlflowClient(servers.mlflow_url)
+            experiment = client.get_experiment_by_name("routing-e2e")
+            (pipeline_run,) = client.search_runs([experiment.experiment_id], "tags.`instructflow.stage` = 'pipeline'")
+            tags, metrics = pipeline_run.data.tags, pipeline_run.data.metrics
+            for stage in ROUTED:
+                assert tags[f"stage.{stage}"] == "ran" and tags[f"stage.{stage}.worker"] == survivor
+                nested = client.get_run(json.loads((parent / "lineage" / f"{stage}.json").read_text())["mlflow_run_id"])
+                assert nested.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id
+            assert not any(f"stage.{s}.worker" in tags for s in ("prepare", "tokenizer", "register"))
+
+        # a stage that fails on the worker (here: a worker whose DVC remote is not the pipeline's) fails the run with
+        # the worker's message, once (no retry), and dvc.lock keeps its record
+        sh(gpus[survivor].clone, sys.executable, "-m", "dvc", "remote", "modify", "--local", "team", "url",
+           "s3://dvc/elsewhere")
+        failed = rig.wait(rig.trigger([*overrides, "sft.max_steps=3"]).id)
+        assert failed.state.is_failed(), failed.state
+        assert "stage 'sft' failed on a worker of pool 'gpu'" in failed.state.message
+        assert "this worker's DVC remote is s3://dvc/elsewhere, the pipeline's is s3://dvc/store" in failed.state.message
+        assert yaml.safe_load((parent / "dvc.lock").read_text())["stages"]["sft"] == lock["sft"]
+        with temporary_settings(rig.settings), get_client(sync_client=True) as client:
+            again = [r for r in client.read_flow_runs(deployment_filter=only_gpu) if r.id not in {c.id for c in children}]
+        assert [(r.parameters["stage"], r.state.type.value) for r in again] == [("sft", "FAILED")]
 
     left = [p.info for p in psutil.process_iter(["pid", "cmdline", "cwd"])
             if str(p.info.get("cwd") or "").startswith(str(tmp_path))]
     assert left == [], f"processes left running in the rig's clones: {left}"  # the workers and all they started
-    parent = rig.workers["cpu-1"].clone
-    lock = yaml.safe_load((parent / "dvc.lock").read_text())["stages"]
-    workers_lock = {name: yaml.safe_load((w.clone / "dvc.lock").read_text())["stages"] for name, w in gpus.items()
-                    if (w.clone / "dvc.lock").is_file()}
-    for stage in ROUTED:  # dvc.lock here records what the worker made; lineage names the run that made it
-        made_by = [name for name, w in gpus.items() if (w.clone / "lineage" / f"{stage}.json").is_file()]
-        assert made_by == [survivor], (stage, made_by)  # the dead worker never finished a stage
-        here = json.loads((parent / "lineage" / f"{stage}.json").read_text())
-        there = json.loads((gpus[survivor].clone / "lineage" / f"{stage}.json").read_text())
-        assert here["invocation"] == there["invocation"] and here["mlflow_run_id"] == there["mlflow_run_id"]
-        assert lock[stage]["outs"] == workers_lock[survivor][stage]["outs"]
-    for stage in ("prepare", "tokenizer", "register"):  # these ran here, and on no worker
-        assert (parent / "lineage" / f"{stage}.json").is_file()
-        assert not any((w.clone / "lineage" / f"{stage}.json").exists() for w in gpus.values())
-
-    env = {**rig.env, "PYTHONPATH": str(parent)}
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=parent, env=env,
-                            capture_output=True, text=True)
-    assert json.loads(status.stdout or "{}") == {}, status.stdout + status.stderr  # dvc.lock matches the workspace
-    cloud = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud", "--json"], cwd=parent, env=env,
-                           capture_output=True, text=True)
-    assert json.loads(cloud.stdout or "{}") == {}, cloud.stdout + cloud.stderr  # the remote holds every output
-
-    import mlflow
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in servers.env.items():
-            mp.setenv(key, value)
-        client = mlflow.MlflowClient(servers.mlflow_url)
-        experiment = client.get_experiment_by_name("routing-e2e")
-        (pipeline_run,) = client.search_runs([experiment.experiment_id], "tags.`instructflow.stage` = 'pipeline'")
-        tags, metrics = pipeline_run.data.tags, pipeline_run.data.metrics
-        for stage in ROUTED:
-            assert tags[f"stage.{stage}"] == "ran" and tags[f"stage.{stage}.worker"] == survivor
-            nested = client.get_run(json.loads((parent / "lineage" / f"{stage}.json").read_text())["mlflow_run_id"])
-            assert nested.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id  # nested under the parent
-        assert not any(f"stage.{s}.worker" in tags for s in ("prepare", "tokenizer", "register"))
     dispatch = {stage: metrics.get(f"{stage}.dispatch_s") for stage in ROUTED}
     print(f"\nrouted micro run: {wall:.0f} s; dispatch -> worker start (s): {dispatch}; killed {killed[0]}")
