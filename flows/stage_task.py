@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import chdir, contextmanager
+from contextlib import chdir, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,8 @@ def dvc_repro(stage: str, root: Path, parent_run_id: str | None, emit, timing: d
     stand-in that prints this message and fails, so the stage is never run here.
     """
     timing = {} if timing is None else timing
-    with DVC_LOCK, tempfile.TemporaryDirectory(prefix="instructflow-restore-only-") as stand_in:
+    folder = tempfile.TemporaryDirectory(prefix="instructflow-restore-only-") if refuse_to_run else nullcontext()
+    with DVC_LOCK, folder as stand_in:
         started = time.perf_counter()
         if up_to_date(root, stage):
             timing["seconds"] = time.perf_counter() - started

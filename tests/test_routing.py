@@ -42,6 +42,8 @@ def test_routing_is_off_by_default_so_every_stage_runs_where_the_flow_runs():
     params = load_params(ROOT / "params.yaml")
     assert params.workers.enabled is False
     assert plan(ROOT, params) is None  # nothing checked, nothing dispatched: one machine runs as before
+    # where a stage runs does not change what it makes: the params hash (lineage, registry tags) ignores routing
+    assert load_params(ROOT / "params.yaml", ["workers.enabled=true", "workers.retries=3"]).digest() == params.digest()
 
 
 def test_routing_refuses_a_tracking_store_the_workers_cannot_reach_and_a_missing_prefect_server(monkeypatch):
