@@ -97,6 +97,12 @@ def use_bf16(setting: bool | str) -> bool:
     return torch.backends.cpu.get_cpu_capability() in {"AVX512", "AMX"}
 
 
+def inference_autocast(setting: bool | str):
+    """The autocast train() evaluates under (bf16 where use_bf16 says so), for a model scored outside train():
+    a base model's held-out loss is then measured as a model trained here is."""
+    return torch.autocast(pick_device().type, dtype=torch.bfloat16, enabled=use_bf16(setting))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; norms, biases and embeddings' 1-D params are left alone (GPT-2/nanoGPT practice)."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from instructflow.config import Params
 from instructflow.errors import ConfigError, InstructflowError
 from instructflow.io import write_json_atomic
@@ -19,7 +21,7 @@ from tasks.tracking import StageRun
 from models.base import load_base_decoder
 from models.decoder import build_decoder, lm_eval_loss, lm_step, pack
 from models.tokenizer import load_tokenizer
-from models.training import LoopSettings, perplexity, train
+from models.training import LoopSettings, for_inference, inference_autocast, perplexity, train
 
 log = logging.getLogger("instructflow")
 
@@ -82,8 +84,9 @@ def from_base(params: Params, root: Path, run: StageRun, tok) -> dict:
     if not eval_set:
         raise InstructflowError(f"held-out pretraining text is shorter than one block of {cfg.seq_len} tokens")
     eval_batches = [collate_blocks(eval_set[i:i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
-    model.eval()
-    eval_loss = lm_eval_loss(model, eval_batches)
+    model = for_inference(model)
+    with torch.no_grad(), inference_autocast(cfg.bf16):  # as train() scores a model trained here
+        eval_loss = lm_eval_loss(model, eval_batches)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("base model %s: %.2fM parameters, not trained here; held-out loss %.4f on %d blocks",
              cfg.base_model, n_params / 1e6, eval_loss, len(eval_set))

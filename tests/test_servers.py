@@ -140,8 +140,9 @@ def test_registered_model_loads_from_the_server_with_credentials_and_is_refused_
     # the artifacts sit in the S3 store behind the server; the run and the version in PostgreSQL
     keys = _s3_keys(servers, "mlflow")
     assert any(key.startswith("artifacts/") and key.endswith("model.safetensors") for key in keys)
-    assert _query(servers, "mlflow", "SELECT version FROM model_versions WHERE name = %s",
-                  "instructflow-policy") == [(int(version.version),)]
+    # (the stack is the session's: other tests, the routed pipeline run among them, may register versions too)
+    assert _query(servers, "mlflow", "SELECT run_id FROM model_versions WHERE name = %s AND version = %s",
+                  "instructflow-policy", int(version.version)) == [(run_id,)]
     assert _query(servers, "mlflow", "SELECT artifact_uri FROM runs WHERE run_uuid = %s",
                   run_id)[0][0].startswith("mlflow-artifacts:/")
 
