@@ -1,6 +1,7 @@
 # The two commands: `make run` (the whole pipeline) and `make test` (the test suite).
 # Both create .venv from the pinned requirements when it is missing or out of date; `make test` first installs
-# the system packages its browser tests need (infra/system-packages.sh: Chromium and chromedriver, when missing).
+# the system packages its tests need (infra/system-packages.sh: Chromium and chromedriver for the page,
+# PostgreSQL's server for the server tests; only what is missing).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -37,8 +38,8 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/instructflow run $(ARGS)
 
-# Chromium and chromedriver from Debian's packages for tests/test_label.py (installs only what is missing; sudo when
-# not root)
+# Chromium and chromedriver (tests/test_label.py) and PostgreSQL (tests/servers.py) from Debian's packages
+# (installs only what is missing; sudo when not root)
 system-packages:
 	sh infra/system-packages.sh
 
