@@ -150,10 +150,23 @@ def print_summary(results: list[dict], params, root: Path, wall: float) -> None:
     if reg is not None:
         console.print(reg)
     console.print("\n[bold]Look at it[/]\n"
-                  "  MLflow UI:   make mlflow-ui    (http://127.0.0.1:5000)\n"
-                  "  Prefect UI:  make prefect-ui   (http://127.0.0.1:4200)\n"
+                  f"  MLflow UI:   {ui_hint('MLFLOW_TRACKING_URI', 'make mlflow-ui    (http://127.0.0.1:5000)')}\n"
+                  f"  Prefect UI:  {ui_hint('PREFECT_API_URL', 'make prefect-ui   (http://127.0.0.1:4200)')}\n"
                   "  DVC:         dvc status; dvc metrics show; dvc plots show\n"
                   f"  Report:      {root / 'reports' / 'evaluation.md'}")
+
+
+def ui_hint(variable: str, local: str) -> str:
+    """Where a server's UI is: the shared server the environment names (its address, no credentials), else how
+    to start the local one on the project's own store."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(os.environ.get(variable, ""))
+    if parts.scheme not in ("http", "https"):
+        return local
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    path = parts.path.removesuffix("/api") if variable == "PREFECT_API_URL" else parts.path
+    return f"{parts.scheme}://{host}{path.rstrip('/')}  ({variable})"
 
 
 def nothing_to_do(project: Path) -> bool:

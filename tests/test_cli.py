@@ -289,3 +289,16 @@ def test_status_flags_a_stage_that_does_not_beat_its_baseline(tmp_path, monkeypa
     assert "does not beat its baseline: reward (accuracy (real): 0.55 vs TF-IDF 0.61" in result.output
     assert "does not beat its baseline: classify (accuracy: 0.7 vs TF-IDF 0.8" in result.output
     assert "sft (" not in result.output
+
+
+def test_the_summary_points_at_the_shared_servers_the_environment_names_without_credentials(monkeypatch):
+    from apps.cli import ui_hint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert ui_hint("MLFLOW_TRACKING_URI", "make mlflow-ui") == "make mlflow-ui"
+    assert ui_hint("PREFECT_API_URL", "make prefect-ui") == "make prefect-ui"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ana:secret@mlflow.example:5000/")
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.1:4200/api")
+    assert ui_hint("MLFLOW_TRACKING_URI", "-") == "https://mlflow.example:5000  (MLFLOW_TRACKING_URI)"
+    assert ui_hint("PREFECT_API_URL", "-") == "http://10.0.0.1:4200  (PREFECT_API_URL)"
