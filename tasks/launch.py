@@ -102,7 +102,7 @@ def check(stage: str, params: Params, n: int, gpus: int) -> None:
                           "for with no GPU visible: use distributed.strategy: ddp for CPU processes")
 
 
-def launch_args(stage: str, n: int, params: Params, gpu: bool) -> list[str]:
+def launch_args(stage: str, n: int, params: Params) -> list[str]:
     """The `accelerate launch` command line (after `accelerate launch`) that runs the stage on n processes.
 
     Every setting is a flag, so a default accelerate config file cannot change the run. Precision is not:
@@ -131,7 +131,7 @@ def launch(stage: str, n: int, params: Params) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     gpu = _gpus() >= n
-    args = launch_args(stage, n, params, gpu)
+    args = launch_args(stage, n, params)
     if params.distributed.strategy == "fsdp":
         log.warning("distributed.strategy = fsdp has not been exercised by instructflow's tests (DDP has): check that "
                     "the saved model of stage %s loads and scores as expected", stage)

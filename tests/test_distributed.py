@@ -85,13 +85,13 @@ def params_with(tmp_path, text: str = ""):
 def test_the_launcher_renders_ddp_and_fsdp_as_accelerate_reads_them(tmp_path):
     from accelerate.commands.launch import launch_command_parser
 
-    ddp = launch.launch_args("sft", 4, params_with(tmp_path), gpu=True)
+    ddp = launch.launch_args("sft", 4, params_with(tmp_path))
     parsed = launch_command_parser().parse_args(ddp)
     assert (parsed.multi_gpu, parsed.use_fsdp, parsed.num_processes, parsed.module) == (True, False, 4, True)
     assert (parsed.training_script, parsed.main_process_port) == ("tasks.sft", 0)  # a free port: runs side by side
 
     fsdp = launch.launch_args("sft", 4, params_with(tmp_path, "distributed: {strategy: fsdp, fsdp_sharding: "
-                                                              "SHARD_GRAD_OP}\n"), gpu=True)
+                                                              "SHARD_GRAD_OP}\n"))
     parsed = launch_command_parser().parse_args(fsdp)
     assert (parsed.multi_gpu, parsed.use_fsdp, parsed.fsdp_sharding_strategy) == (False, True, "SHARD_GRAD_OP")
     assert (parsed.fsdp_state_dict_type, parsed.fsdp_auto_wrap_policy) == ("FULL_STATE_DICT", "TRANSFORMER_BASED_WRAP")
