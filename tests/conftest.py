@@ -24,7 +24,15 @@ def copy_project(dest: Path, preset: str = "micro", tracks: dict | None = None) 
     """A fresh git + DVC checkout of the project's tracked and new files in dest, on the given preset."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split("\n")
+    committed = set(subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=ROOT, capture_output=True,
+                                   text=True, check=True).stdout.split("\n"))
+    # what a pipeline run in this checkout wrote and DVC staged (`make run` before `make test`): dvc.lock and the
+    # .gitignore files naming its outputs are the run's record, not the project's, and a test project starts fresh
+    made_by_a_run = {name for name in files if name == "dvc.lock" or
+                     (Path(name).name == ".gitignore" and name not in committed)}
     for name in filter(None, files):
+        if name in made_by_a_run:
+            continue
         src = ROOT / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
