@@ -51,6 +51,7 @@ from tasks.runtime import INVOCATION_ENV, read_lineage
 from tasks.register import recover as recover_registry
 from tasks.tracking import PARENT_ENV, ended_as_killed_on_signal, experiment_id, mark_stale_runs, owner_tags
 from tasks.tracking import flatten
+from tasks import zygote
 
 # failures worth a retry: lock contention on DVC's repo lock or on the MLflow sqlite file, never a training error
 TRANSIENT = ("Unable to acquire lock", "is busy, it is being blocked by", "database is locked",
@@ -255,7 +256,8 @@ def pipeline_run(preset: str | None, overrides: list[str], root: str | None) -> 
     with run_lock(project), signals.handling(), signals.deferred():  # one run per checkout (flows/guard.py)
         if (recovered := recover_registry(project)) is not None:
             logger.warning(recovered)
-        with _pipeline_run(preset, overrides, project, logger) as run:
+        # the stages fork from one process that imports torch, transformers and MLflow while the run starts
+        with zygote.serving(project), _pipeline_run(preset, overrides, project, logger) as run:
             yield run
 
 
