@@ -334,13 +334,20 @@ def log_tail(client, flow_run_id, lines: int = 20) -> str:
         or "(none)"
 
 
+def routed_stages(params) -> list[str]:
+    """The stages a routed run sends to the gpu pool: `workers.stages`, or by default the stage table's `gpu=True`
+    stages, in either case only those whose track (and switch) is chosen."""
+    cfg = params.workers
+    named = cfg.stages if cfg.stages is not None else [s.name for s in BY_NAME.values() if s.gpu]
+    return [s for s in named if params.chosen(s)]
+
+
 def plan(root: Path, params) -> Routing | None:
     """The run's routing from params.yaml's `workers` section, checked before any stage runs; None when off."""
     cfg = params.workers
     if not cfg.enabled:
         return None
-    stages = [s for s in (cfg.stages if cfg.stages is not None else [s.name for s in BY_NAME.values() if s.gpu])
-              if params.chosen(s)]
+    stages = routed_stages(params)
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     if urlsplit(tracking).scheme not in ("http", "https"):
         raise RoutingError(

@@ -21,13 +21,14 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from flows.routing import RoutingError, check_in_commit, committed, inputs, plan, push_outputs
+from flows.routing import RoutingError, check_in_commit, committed, inputs, plan, push_outputs, routed_stages
 from flows.stage_task import StageFailed, dvc_repro, lock_entry
 from instructflow.config import load_params
 from instructflow.errors import InstructflowError
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-ROUTED = ("pretrain", "sft", "reward", "align", "evaluate")  # the decoder track's GPU stages (the stage table)
+GPU_STAGES = ("pretrain", "sft", "reward", "align", "evaluate")  # the decoder track's GPU stages (the stage table)
+ROUTED = ("pretrain", "sft")  # what the e2e run routes (workers.stages): each routed stage costs a worker round trip
 
 
 def sh(cwd: Path, *cmd: str) -> str:
@@ -65,6 +66,18 @@ def test_workers_stages_must_be_known_stages_whose_outputs_dvc_caches():
         load_params(ROOT / "params.yaml", ["workers.stages=[sftt]"])
     with pytest.raises(ConfigError, match="stage 'register' cannot run on a worker"):
         load_params(ROOT / "params.yaml", ["workers.stages=[sft, register]"])
+
+
+def test_a_routed_run_sends_the_chosen_tracks_gpu_stages_unless_workers_stages_names_them():
+    on = ["workers.enabled=true"]
+    assert routed_stages(load_params(ROOT / "params.yaml", on)) == list(GPU_STAGES)
+    both = load_params(ROOT / "params.yaml", [*on, "tracks.encoder=true"])
+    assert routed_stages(both) == [*GPU_STAGES, "mlm", "classify", "similarity"]
+    loop = load_params(ROOT / "params.yaml", [*on, "loop.enabled=true"])  # a switched-on optional stage joins
+    assert routed_stages(loop) == [*GPU_STAGES, "generate", "rank"]
+    assert routed_stages(load_params(ROOT / "params.yaml", [*on, "workers.stages=[sft, pretrain]"])) == ["sft", "pretrain"]
+    # a named stage whose track is off stays out
+    assert routed_stages(load_params(ROOT / "params.yaml", [*on, "workers.stages=[sft, mlm]"])) == ["sft"]
 
 
 @pytest.fixture
@@ -286,7 +299,7 @@ def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_s
     from prefect.settings import temporary_settings
     from routing_rig import routing_rig
 
-    overrides = ["workers.enabled=true", "experiment=routing-e2e",
+    overrides = ["workers.enabled=true", f"workers.stages=[{', '.join(ROUTED)}]", "experiment=routing-e2e",
                  "pretrain.max_steps=150", "pretrain.eval_steps=50",  # long enough to be killed in the middle
                  "sft.max_steps=2", "reward.max_steps=2", "align.max_steps=2"]
     killed: list[str] = []
@@ -316,7 +329,7 @@ def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_s
         by_stage: dict[str, list] = {}
         for child in children:
             by_stage.setdefault(child.parameters["stage"], []).append(child)
-        assert set(by_stage) == set(ROUTED)  # the training stages went to the gpu pool, and nothing else did
+        assert set(by_stage) == set(ROUTED)  # the stages workers.stages names went to the gpu pool, nothing else did
         for stage, runs in by_stage.items():
             assert [r.labels["prefect.worker.name"] for r in runs if r.state.is_completed()] == [survivor], stage
         lost = [(r.state.type.value, r.labels["prefect.worker.name"]) for r in by_stage["pretrain"]
@@ -331,7 +344,7 @@ def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_s
             there = json.loads((gpus[survivor].clone / "lineage" / f"{stage}.json").read_text())
             assert here["invocation"] == there["invocation"] and here["mlflow_run_id"] == there["mlflow_run_id"]
             assert lock[stage]["outs"] == worker_lock[stage]["outs"]
-        for stage in ("prepare", "tokenizer", "register"):  # these ran here, and on no worker
+        for stage in ("prepare", "tokenizer", "reward", "align", "evaluate", "register"):  # ran here, on no worker
             assert (parent / "lineage" / f"{stage}.json").is_file()
             assert not any((w.clone / "lineage" / f"{stage}.json").exists() for w in gpus.values())
         env = {**rig.env, "PYTHONPATH": str(parent)}
@@ -351,7 +364,7 @@ def test_a_micro_run_through_the_server_runs_its_gpu_stages_on_gpu_workers_and_s
                 assert tags[f"stage.{stage}"] == "ran" and tags[f"stage.{stage}.worker"] == survivor
                 nested = client.get_run(json.loads((parent / "lineage" / f"{stage}.json").read_text())["mlflow_run_id"])
                 assert nested.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id
-            assert not any(f"stage.{s}.worker" in tags for s in ("prepare", "tokenizer", "register"))
+            assert not any(f"stage.{s}.worker" in tags for s in ("prepare", "tokenizer", "reward", "register"))
 
         # a stage that fails on the worker (here: a worker whose DVC remote is not the pipeline's) fails the run with
         # the worker's message, once (no retry), and dvc.lock keeps its record

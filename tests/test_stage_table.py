@@ -29,15 +29,49 @@ def test_dvc_yaml_has_the_stages_of_the_table_in_order():
         assert s.outs[0] in [o if isinstance(o, str) else next(iter(o)) for o in DVC[s.name]["outs"]]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_module_a_stage_imports_at_run_time_is_among_its_deps(name):
-    """Import the stage module in a fresh interpreter and compare what it loaded from the project with its deps."""
-    probe = ("import json, sys, tasks.{0}; root = sys.argv[1]; "
-             "print(json.dumps(sorted(m.__file__[len(root) + 1:] for m in list(sys.modules.values()) "
-             "if getattr(m, '__file__', None) and m.__file__.startswith(root + '/') and '.venv' not in m.__file__)))")
-    out = subprocess.run([sys.executable, "-c", probe.format(name), str(ROOT)], cwd=ROOT, capture_output=True,
+# Imports each stage module in a child forked from an interpreter that has imported only third-party libraries (the
+# slow part: torch, transformers, MLflow), and prints the project modules each child then held, as JSON by stage. A
+# project module the parent had imported would show in every child: asserted absent, so a child's list is exactly
+# what its stage module loads, as a fresh interpreter would (one interpreter per stage took ~6 s each).
+IMPORT_PROBE = """
+import importlib, json, os, sys
+root = sys.argv[1]
+def project_modules():
+    return sorted(m.__file__[len(root) + 1:] for m in list(sys.modules.values())
+                  if getattr(m, '__file__', None) and m.__file__.startswith(root + '/') and '.venv' not in m.__file__)
+for lib in ("numpy", "scipy", "sklearn", "torch", "transformers", "accelerate", "tokenizers", "safetensors", "mlflow",
+            "pydantic", "yaml", "jinja2"):
+    importlib.import_module(lib)
+preloaded = project_modules()
+found = {}
+for name in sys.argv[2:]:
+    read, write = os.pipe()
+    if (pid := os.fork()) == 0:
+        os.close(read)
+        importlib.import_module("tasks." + name)
+        os.write(write, json.dumps(project_modules()).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        found[name] = json.loads(fh.read() or b"null")
+    os.waitpid(pid, 0)
+print(json.dumps({"preloaded": preloaded, "stages": found}))
+"""
+
+
+@pytest.fixture(scope="module")
+def stage_imports() -> dict:
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(ROOT), *NAMES], cwd=ROOT, capture_output=True,
                          text=True, check=True)
-    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    probed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probed["preloaded"] == [], "the probe's third-party imports loaded project modules: it would over-report"
+    return probed["stages"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_module_a_stage_imports_at_run_time_is_among_its_deps(name, stage_imports):
+    """What the stage module loads from the project (IMPORT_PROBE) against the deps dvc.yaml lists for it."""
+    loaded = set(stage_imports[name] or ())
     deps = set(DVC[name]["deps"])
     assert loaded, "the probe found no project module: it checks nothing"
     assert loaded <= deps, f"stage {name} imports {sorted(loaded - deps)} but dvc.yaml does not list them"
