@@ -204,6 +204,23 @@ def run_stage(stage: str, body: Callable[[Params, Path, StageRun], dict[str, Any
         restore_outputs(root, stage)
         sys.exit(exc.exit_code)
     _run_here(stage, body, root)
+    exit_without_teardown()
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End a stage command that finished: the atexit handlers run (MLflow ends its run, logging flushes its handlers,
+    multiprocessing stops its children) and the standard streams are flushed, then the process exits without the
+    interpreter's teardown of its modules, which writes nothing and took 1.3 to 1.9 s after a stage's work
+    (torch, transformers and MLflow loaded; measured from the stage's "done" line to the process's exit, micro)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 def _relaunch_if_wanted(stage: str, root: Path) -> None:

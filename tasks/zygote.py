@@ -203,6 +203,19 @@ def _become(request: dict) -> None:
     sys.argv = [request["module"], *request["args"]]
 
 
+def warm_tracking_store() -> None:
+    """Import MLflow's database stores and build their SQLAlchemy mappers, which MLflow imports only when a stage
+    opens its run: 1.0 s of every forked stage's start (measured, micro). Class set-up only: no engine, no
+    connection (a connection must not cross a fork)."""
+    try:
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        from sqlalchemy.orm import configure_mappers
+    except ImportError:  # a stage without MLflow's database extras opens its own store, as before
+        return
+    configure_mappers()
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m tasks.zygote SOCKET ROOT [MODULE ...]`: bind, import the modules, serve; run a stage in a fork."""
     argv = sys.argv[1:] if argv is None else argv
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     environ = dict(os.environ)
     for module in modules:
         importlib.import_module(module)
+    warm_tracking_store()
     request = Zygote(listener, root, environ).serve()
     if request is None:
         return
