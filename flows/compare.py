@@ -53,6 +53,7 @@ from instructflow.errors import ConfigError, InstructflowError
 from instructflow.io import atomic_file
 from instructflow.stages import BY_NAME, sync_dvc_yaml
 from models.stats import gains_from_metrics
+from tasks import zygote
 from tasks.tracking import experiment_id, owner_tags
 
 STAGES = upstream_closure("evaluate")  # prepare .. evaluate: a comparison never reaches register
@@ -538,7 +539,8 @@ def compare(project: Path, plan_: Plan, emit: Callable[[str], None]) -> tuple[di
     status = "FINISHED"
     restore: dict = {}
     try:
-        with signals.deferred():  # a stop is taken between values, and by the stages inside one
+        # a stop is taken between values, and by the stages inside one; one zygote serves every value's stages
+        with signals.deferred(), zygote.serving(project):
             for variant in plan_.variants:
                 signals.check()
                 emit(f"compare {plan_.key}={variant.label}: {' '.join(variant.overrides)}")

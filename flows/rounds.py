@@ -45,6 +45,7 @@ from instructflow.config import load_params
 from instructflow.errors import InstructflowError
 from instructflow.io import atomic_file, read_jsonl
 from instructflow.stages import sync_dvc_yaml
+from tasks import zygote
 from tasks.tracking import experiment_id, owner_tags
 
 OUT_DIR = "rounds"
@@ -320,20 +321,22 @@ def run_rounds(project: Path, n_rounds: int | None, preset: str | None, override
             total = {"groups": total["groups"] + 1, "pairs": total["pairs"] + _pairs(row["tiers"])}
     status, path = "FAILED", None
     try:
-        for round_ in range(first, first + rounds):
-            emit(f"round {round_} ({round_ - first + 1} of {rounds})")
-            result = feedback_round.with_options(flow_run_name=f"round {round_}")(round_, overrides, preset, str(project))
-            client.set_tag(result["run_id"], "mlflow.parentRunId", parent)
-            client.set_tag(result["run_id"], "mlflow.runName", f"round {round_}")
-            total = {k: total[k] + result["feedback"][k] for k in total}
-            row = round_row(project, round_, result["feedback"], total)
-            rows.append(row)
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
-                    client.log_metric(parent, key, float(value), step=round_)
-            path = write_report(project, rows, params.rank.method)
-            emit(f"round {round_}: exact match {_cell(row, 'exact_match')}, win-rate {_cell(row, 'win_rate')}, "
-                 f"reward accuracy {_cell(row, 'reward_accuracy')}")
+        with zygote.serving(project):  # one zygote serves every round's stages
+            for round_ in range(first, first + rounds):
+                emit(f"round {round_} ({round_ - first + 1} of {rounds})")
+                result = feedback_round.with_options(flow_run_name=f"round {round_}")(round_, overrides, preset,
+                                                                                      str(project))
+                client.set_tag(result["run_id"], "mlflow.parentRunId", parent)
+                client.set_tag(result["run_id"], "mlflow.runName", f"round {round_}")
+                total = {k: total[k] + result["feedback"][k] for k in total}
+                row = round_row(project, round_, result["feedback"], total)
+                rows.append(row)
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                        client.log_metric(parent, key, float(value), step=round_)
+                path = write_report(project, rows, params.rank.method)
+                emit(f"round {round_}: exact match {_cell(row, 'exact_match')}, win-rate {_cell(row, 'win_rate')}, "
+                     f"reward accuracy {_cell(row, 'reward_accuracy')}")
         status = "FINISHED"
     finally:
         if rows:

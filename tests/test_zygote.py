@@ -181,6 +181,20 @@ def test_serving_cleans_up_and_can_be_turned_off(project, monkeypatch):
     assert zygote.ENV not in os.environ and not Path(path).parent.exists()
 
 
+def test_a_block_inside_one_for_the_same_project_and_modules_reuses_its_zygote(project, monkeypatch):
+    """compare's values and rounds' rounds are pipeline runs inside one serving block: one zygote for all."""
+    monkeypatch.delenv(zygote.ENV, raising=False)
+    with zygote.serving(project, ["tasks.probe"]) as outer:
+        with zygote.serving(project, ["tasks.probe"]) as inner:
+            assert inner == outer
+        assert os.environ[zygote.ENV] == outer and Path(outer).exists()  # the inner block did not stop it
+        with zygote.serving(project, ["tasks.probe", "tasks.keep"]) as other:  # other modules: its own zygote
+            assert other != outer and os.environ[zygote.ENV] == other
+        assert os.environ[zygote.ENV] == outer and Path(outer).exists() and not Path(other).parent.exists()
+        assert probe(project, outer).returncode == 0
+    assert zygote.ENV not in os.environ and not Path(outer).parent.exists()
+
+
 def digest(folder: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
