@@ -75,7 +75,8 @@ def test_a_routed_run_sends_the_chosen_tracks_gpu_stages_unless_workers_stages_n
     assert routed_stages(both) == [*GPU_STAGES, "mlm", "classify", "similarity"]
     loop = load_params(ROOT / "params.yaml", [*on, "loop.enabled=true"])  # a switched-on optional stage joins
     assert routed_stages(loop) == [*GPU_STAGES, "generate", "rank"]
-    assert routed_stages(load_params(ROOT / "params.yaml", [*on, "workers.stages=[sft, pretrain]"])) == ["sft", "pretrain"]
+    named = load_params(ROOT / "params.yaml", [*on, "workers.stages=[sft, pretrain]"])
+    assert routed_stages(named) == ["sft", "pretrain"]
     # a named stage whose track is off stays out
     assert routed_stages(load_params(ROOT / "params.yaml", [*on, "workers.stages=[sft, mlm]"])) == ["sft"]
 
