@@ -133,7 +133,7 @@ def test_tiny_and_micro_presets_differ_in_sizes(tmp_path):
     tiny = load_params(path)
     micro = load_params(path, preset="micro")
 
-    assert tiny.preset == "tiny" and tiny.pretrain.model.hidden_size == 128 and tiny.sft.max_steps == 1800
+    assert tiny.preset == "tiny" and tiny.pretrain.model.hidden_size == 128 and tiny.sft.max_steps == 2400
     assert micro.preset == "micro" and micro.pretrain.model.hidden_size == 32 and micro.sft.max_steps == 10
 
 
